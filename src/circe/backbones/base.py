@@ -1,0 +1,63 @@
+"""The one interface every vision-language backbone exposes to the methods."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """Raised when a backbone's weights are not on disk (circe never downloads them)."""
+
+
+@dataclass(frozen=True)
+class BackboneIdentity:
+    """What made an embedding: stored with caches and indexes so mismatches are caught."""
+
+    spec: str  # e.g. "open_clip:ViT-B-32" or "hf:/models/clip"
+    weights: str  # path or "builtin:<name>"
+    weights_sha256: str
+    image_size: int
+    embed_dim: int
+
+    def short(self) -> str:
+        return f"{self.spec}@{self.weights_sha256[:12]}"
+
+
+class Backbone(torch.nn.Module, ABC):
+    """A CLIP-like model: an image tower and a text tower into one embedding space.
+
+    `tokens=False` returns the pooled, projected embedding `[B, D]` (not normalised);
+    `tokens=True` returns `(pooled [B, D], tokens [B, L, W], mask [B, L])` where the token
+    sequence is the tower's last hidden states (before pooling) and `mask` is True on real
+    tokens (all True for image patches).
+    """
+
+    identity: BackboneIdentity
+
+    @abstractmethod
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> `[3, H, W]` float tensor, exactly as the checkpoint expects."""
+
+    @abstractmethod
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Strings -> `[B, L]` token ids."""
+
+    @abstractmethod
+    def encode_image(self, pixels: torch.Tensor, tokens: bool = False):
+        """`[B, 3, H, W]` -> `[B, D]` (or the token triple, see class doc)."""
+
+    @abstractmethod
+    def encode_text(self, token_ids: torch.Tensor, tokens: bool = False):
+        """`[B, L]` -> `[B, D]` (or the token triple, see class doc)."""
+
+    @property
+    def embed_dim(self) -> int:
+        return self.identity.embed_dim
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device

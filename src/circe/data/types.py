@@ -1,0 +1,96 @@
+"""The one shape every benchmark is turned into: queries and a gallery."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+
+class DatasetFormatError(ValueError):
+    """A data set file is malformed; the message names the file and the record."""
+
+
+@dataclass(frozen=True)
+class Query:
+    """One composed query: a reference image and how the target differs from it."""
+
+    query_id: str
+    reference_id: str
+    texts: tuple[str, ...]  # one or more modification texts (FashionIQ has two)
+    target_ids: tuple[str, ...] = ()  # empty when the split's labels are hidden (test sets)
+    subset_ids: tuple[str, ...] = ()  # CIRR's img_set members
+    tags: tuple[str, ...] = ()  # e.g. the synthetic edit kind ("recolour", "move")
+
+    @property
+    def text(self) -> str:
+        """The modification texts joined into one string (" and " between captions)."""
+        return " and ".join(t.strip() for t in self.texts)
+
+
+@dataclass
+class Gallery:
+    """Image ids -> paths, in a fixed order (row i of an embedding matrix is ids[i])."""
+
+    paths: dict[str, Path]
+    captions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def index_of(self) -> dict[str, int]:
+        return {image_id: i for i, image_id in enumerate(self.paths)}
+
+    def open(self, image_id: str) -> Image.Image:
+        """Load an image as RGB, naming the file when it is missing or not an image."""
+        try:
+            path = self.paths[image_id]
+        except KeyError:
+            raise KeyError(f"image id {image_id!r} is not in the gallery") from None
+        return load_rgb(path)
+
+
+def load_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.seek(0)  # first frame of animated images
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise DatasetFormatError(f"cannot read image {path}: {error}") from None
+
+
+@dataclass
+class CIRSplit:
+    """One split of a benchmark: its queries, the gallery they are ranked against, and how."""
+
+    name: str
+    queries: list[Query]
+    gallery: Gallery
+    # Remove each query's reference image from its own ranking (CIRR, FashionIQ convention).
+    exclude_reference: bool = True
+    protocol: dict[str, str] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Every id a query names must be in the gallery; say which query breaks it."""
+        known = self.gallery.paths
+        for query in self.queries:
+            for image_id in (query.reference_id, *query.target_ids, *query.subset_ids):
+                if image_id not in known:
+                    raise DatasetFormatError(
+                        f"split {self.name!r}: query {query.query_id!r} names image "
+                        f"{image_id!r}, which is not in the gallery"
+                    )
+
+
+def require_texts(texts: Sequence[str]) -> None:
+    for text in texts:
+        if not text or not text.strip():
+            raise ValueError("a modification text is empty: describe how the target differs")
