@@ -1,0 +1,166 @@
+"""The synthetic benchmark: determinism, exact ground truth, disjoint splits, the novel split."""
+
+import json
+import random
+import re
+
+import pytest
+from PIL import ImageChops
+
+from circe.data.render import COLOURS, POSITIONS, SHAPES, render_scene, write_words
+from circe.data.synthetic import (
+    EDIT_KINDS,
+    HELD_OUT_COMBINATIONS,
+    SPLITS,
+    SynthConfig,
+    apply_edit,
+    caption,
+    generate,
+    load_synthetic,
+    random_scene,
+    scene_from_json,
+    write_synthetic,
+)
+from circe.data.types import DatasetFormatError
+
+SMALL = SynthConfig(seed=3, train=60, val=12, test=24, test_novel=12)
+
+
+def test_generation_is_deterministic_and_seed_dependent():
+    first, again = generate(SMALL), generate(SMALL)
+    assert first.split_queries == again.split_queries
+    assert first.scenes == again.scenes
+    other = generate(SynthConfig(seed=4, train=60, val=12, test=24, test_novel=12))
+    assert other.split_queries != first.split_queries
+
+
+def test_split_sizes_and_balanced_edit_kinds():
+    data = generate(SMALL)
+    for split, size in SMALL.split_sizes().items():
+        assert len(data.split_queries[split]) == size
+    kinds = [q["kind"] for q in data.split_queries["train"]]
+    assert {kinds.count(kind) for kind in EDIT_KINDS} == {60 // len(EDIT_KINDS)}
+
+
+def test_splits_hold_disjoint_scenes():
+    data = generate(SMALL)
+    seen: dict = {}
+    for split in SPLITS:
+        for image_id in data.split_images[split]:
+            scene = data.scenes[image_id]
+            assert scene not in seen, f"{image_id} repeats {seen.get(scene)}"
+            seen[scene] = image_id
+
+
+def test_each_reference_has_several_distinct_targets():
+    data = generate(SMALL)
+    by_reference: dict[str, list[str]] = {}
+    for query in data.split_queries["train"]:
+        by_reference.setdefault(query["reference"], []).append(query["target"])
+    assert max(len(t) for t in by_reference.values()) == SMALL.edits_per_reference
+    for targets in by_reference.values():
+        assert len(set(targets)) == len(targets)
+
+
+@pytest.mark.parametrize("kind", EDIT_KINDS)
+def test_edit_text_describes_the_scene_difference(kind):
+    """Parse the text back and check the target differs from the reference exactly so."""
+    rng = random.Random(kind)
+    checked = 0
+    while checked < 40:
+        reference = random_scene(rng, 1, 5)
+        edit = apply_edit(reference, kind, rng)
+        if edit is None:
+            continue
+        target, text, before, after = edit
+        checked += 1
+        assert target != reference
+        removed, added = set(reference) - set(target), set(target) - set(reference)
+        if kind == "add":
+            assert not removed and added == {after}
+            assert after.describe() in text and POSITIONS[after.cell] in text
+        elif kind == "remove":
+            assert removed == {before} and not added
+        else:
+            assert removed == {before} and added == {after}
+        if kind == "recolour":
+            assert after.colour in text and after.colour != before.colour
+        if kind == "reshape":
+            assert re.search(rf"\ban? {after.shape}\b", text) and after.shape != before.shape
+        if kind == "move":
+            assert POSITIONS[after.cell] in text and after.cell != before.cell
+        if kind == "resize":
+            assert after.size != before.size
+
+
+def test_held_out_combinations_only_in_the_novel_split():
+    data = generate(SynthConfig(seed=1, train=300, val=30, test=120, test_novel=60))
+    pattern = re.compile(r"\b(%s) (%s)\b" % ("|".join(COLOURS), "|".join(SHAPES)))
+
+    def mentions_held_out(text: str) -> bool:
+        return any(tuple(m) in HELD_OUT_COMBINATIONS for m in pattern.findall(text))
+
+    for split in ("train", "val", "test"):
+        for query in data.split_queries[split]:
+            target = data.scenes[query["target"]]
+            reference = data.scenes[query["reference"]]
+            changed = set(target) ^ set(reference)
+            assert not any((o.colour, o.shape) in HELD_OUT_COMBINATIONS for o in changed)
+            assert not mentions_held_out(query["text"])
+    for query in data.split_queries["test-novel"]:
+        new = set(data.scenes[query["target"]]) - set(data.scenes[query["reference"]])
+        assert any((o.colour, o.shape) in HELD_OUT_COMBINATIONS for o in new)
+
+
+def test_write_and_load_round_trip(tmp_path):
+    root = write_synthetic(tmp_path / "bench", SMALL)
+    data = generate(SMALL)
+    annotations = json.loads((root / "annotations.json").read_text())
+    for split in SPLITS:
+        loaded = load_synthetic(root, split)
+        assert len(loaded.queries) == len(data.split_queries[split])
+        assert set(loaded.gallery.ids) == set(data.split_images[split])
+        for query in loaded.queries:
+            assert query.target_ids[0] in loaded.gallery.paths
+            assert query.tags[0] in EDIT_KINDS
+    some_id = data.split_images["val"][0]
+    scene = scene_from_json(annotations["scenes"][some_id])
+    assert scene == data.scenes[some_id]
+    assert annotations["captions"][some_id] == caption(scene)
+    on_disk = load_synthetic(root, "val").gallery.open(some_id)
+    drawn = render_scene(scene, SMALL.image_size, jitter_seed=some_id)
+    assert ImageChops.difference(on_disk, drawn).getbbox() is None
+
+
+def test_rewriting_the_same_benchmark_is_a_no_op_and_a_different_one_is_refused(tmp_path):
+    root = write_synthetic(tmp_path / "bench", SMALL)
+    stamp = (root / "annotations.json").stat().st_mtime_ns
+    write_synthetic(root, SMALL)
+    assert (root / "annotations.json").stat().st_mtime_ns == stamp
+    with pytest.raises(FileExistsError, match="other settings"):
+        write_synthetic(root, SynthConfig(seed=99, train=6, val=6, test=6, test_novel=3))
+
+
+def test_loading_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="circe synth"):
+        load_synthetic(tmp_path / "missing")
+    root = write_synthetic(tmp_path / "bench", SMALL)
+    with pytest.raises(ValueError, match="unknown synthetic split"):
+        load_synthetic(root, "tset")
+    annotations = json.loads((root / "annotations.json").read_text())
+    del annotations["splits"]["val"]["queries"][2]["text"]
+    (root / "annotations.json").write_text(json.dumps(annotations))
+    with pytest.raises(DatasetFormatError, match=r"query #2 lacks field 'text'"):
+        load_synthetic(root, "val")
+
+
+def test_written_words_change_only_the_lower_band_and_are_deterministic():
+    scene = random_scene(random.Random(0), 3, 3)
+    image = render_scene(scene, 128)
+    written = write_words(image, "large blue square")
+    assert written.size == image.size
+    box = ImageChops.difference(image, written).getbbox()
+    assert box is not None and box[1] >= 128 * 0.6
+    assert ImageChops.difference(written, write_words(image, "large  blue square")).getbbox() is None
+    longer = write_words(image, "small purple diamond at the bottom right")
+    assert ImageChops.difference(longer, written).getbbox() is not None
