@@ -58,7 +58,7 @@ def _shape(t: torch.Tensor) -> str:
 
 def _check_scores(scores: torch.Tensor) -> None:
     if not isinstance(scores, torch.Tensor):
-        raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
     if scores.ndim != 2:
         raise ValueError(f"scores must be 2-D [queries, gallery], got shape {_shape(scores)}")
     if scores.dtype == torch.bool or scores.is_complex():
@@ -69,7 +69,7 @@ def _check_scores(scores: torch.Tensor) -> None:
 
 def _check_mask(name: str, mask: torch.Tensor, scores: torch.Tensor) -> None:
     if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise ValueError(f"{name} must be a bool tensor, got {mask.dtype}")
     if mask.shape != scores.shape:
@@ -132,11 +132,9 @@ def _valid(
     return valid
 
 
-def _chunk_best_ranks(
-    s: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
-) -> torch.Tensor:
+def _chunk_best_ranks(s: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Best target rank for one chunk: O(C*N) comparisons against the best target's score."""
-    c, n = s.shape
+    n = s.shape[1]
     tgt = target & valid
     has_target = tgt.any(dim=1)
     # The best-ranked target is the highest-scoring one, ties going to the lowest index.
@@ -228,7 +226,8 @@ def _target_ranks(
 
 
 def _recall(ranks: torch.Tensor, ks: list[int]) -> dict[int, float]:
-    return {k: float((ranks < k).double().mean()) * 100.0 for k in ks}
+    q = ranks.shape[0]
+    return {k: 100.0 * int((ranks < k).sum()) / q for k in ks}
 
 
 def recall_at_k(
@@ -301,7 +300,8 @@ def map_at_k(
             f"{missing} of {q} queries have no (non-excluded) target; mAP@K is undefined for them"
         )
     k_max = max(ks)
-    totals = {k: torch.zeros((), dtype=torch.float64, device=scores.device) for k in ks}
+    # Per-query APs, summed once at the end so the result does not depend on chunking.
+    ap = torch.empty(len(ks), q, dtype=torch.float64, device=scores.device)
     for sl, (tgt, exc) in _chunks(q, step, target_mask, exclude_mask):
         s = scores[sl]
         _, idx, present = _chunk_topk(s, _valid(s, exc, None), k_max)
@@ -311,10 +311,9 @@ def map_at_k(
         positions = torch.arange(1, kk + 1, dtype=torch.float64, device=s.device)
         ap_sum = (relf.cumsum(dim=1) / positions * relf).cumsum(dim=1)  # [C, kk]
         nt = n_targets[sl].double()
-        for k in ks:
-            denom = nt.clamp(max=k)
-            totals[k] += (ap_sum[:, min(k, kk) - 1] / denom).sum()
-    return {k: float(totals[k]) / q * 100.0 for k in ks}
+        for row, k in enumerate(ks):
+            ap[row, sl] = ap_sum[:, min(k, kk) - 1] / nt.clamp(max=k)
+    return {k: float(ap[row].sum()) / q * 100.0 for row, k in enumerate(ks)}
 
 
 def top_k(

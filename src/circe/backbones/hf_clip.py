@@ -1,0 +1,223 @@
+"""Hugging Face transformers CLIP backbones, loaded from a local directory only.
+
+The directory is what `CLIPModel.save_pretrained(DIR)` + `tokenizer.save_pretrained(DIR)` +
+`image_processor.save_pretrained(DIR)` write, or what `huggingface-cli download
+openai/clip-vit-base-patch32 --local-dir DIR` fetches. Everything is opened with
+`local_files_only=True`: circe never downloads.
+
+transformers is an optional dependency (`pip install 'circe[hf]'`) and is imported lazily.
+The towers are called directly (`text_model` / `vision_model` + the projections) rather than
+through `get_*_features`, whose return type changed from a tensor (4.x) to a model output (5.x).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from circe.backbones import file_sha256
+from circe.backbones.base import Backbone, BackboneIdentity, WeightsNotFoundError
+
+_HOW_TO_GET = (
+    "circe never downloads models: save one locally first, e.g. `huggingface-cli download "
+    "openai/clip-vit-base-patch32 --local-dir DIR` or model/tokenizer/image_processor"
+    ".save_pretrained(DIR), then use hf:DIR"
+)
+
+
+def _import_transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError(
+            "Hugging Face CLIP backbones need transformers: pip install 'circe[hf]'"
+        ) from e
+    return transformers
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    """The files `from_pretrained` reads weights from: safetensors (preferred) or .bin shards."""
+    for pattern in ("*.safetensors", "pytorch_model*.bin"):
+        files = sorted(model_dir.glob(pattern))
+        if files:
+            return files
+    return []
+
+
+def _files_sha256(files: list[Path]) -> str:
+    """sha256 of one file, or of the "name:sha256" lines of several (sharded checkpoints)."""
+    if len(files) == 1:
+        return file_sha256(files[0])
+    lines = "".join(f"{f.name}:{file_sha256(f)}\n" for f in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+class HFClipBackbone(Backbone):
+    """A transformers `CLIPModel` (+ its tokenizer and `CLIPImageProcessor`) from a local dir.
+
+    `weights` optionally names a state-dict file (.safetensors / .pt / .bin, e.g. a fine-tuned
+    checkpoint) loaded strictly over the model built from DIR's config.json; the identity then
+    hashes that file instead of DIR's weight files.
+
+    `tokens=True` sequences:
+      - text: `last_hidden_state` `[B, L, W]`, which HF already passes through
+        `final_layer_norm`; mask = up to and including the first EOS token (what the tokenizer's
+        attention mask is for right padding; the ids alone are all `encode_text` receives).
+      - image: `post_layernorm(last_hidden_state)` `[B, 1 + N, W]`, class token first. HF applies
+        post_layernorm only to the class token when pooling, leaving the other tokens
+        un-normalised; we normalise all of them so the sequence lives in the same space as the
+        pooled token (`tokens[:, 0]` is exactly the pre-projection pooled vector) and matches
+        open_clip's `ln_post`-ed tokens. Mask all True.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        weights: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        *,
+        spec: str | None = None,
+    ):
+        super().__init__()
+        transformers = _import_transformers()
+        model_dir = Path(model_dir).expanduser().resolve()
+        if not model_dir.is_dir():
+            raise WeightsNotFoundError(
+                f"Hugging Face CLIP model directory not found: expected a directory at "
+                f"{model_dir} (a Hub id like 'openai/clip-vit-base-patch32' is not fetched). "
+                f"{_HOW_TO_GET}"
+            )
+        if not (model_dir / "config.json").is_file():
+            raise WeightsNotFoundError(
+                f"{model_dir} has no config.json, so it is not a saved transformers model. "
+                f"{_HOW_TO_GET}"
+            )
+
+        if weights is not None:
+            weights_path = Path(weights).expanduser().resolve()
+            if not weights_path.is_file():
+                raise WeightsNotFoundError(
+                    f"weights file not found: expected a file at {weights_path}. {_HOW_TO_GET}"
+                )
+            config = transformers.CLIPConfig.from_pretrained(model_dir, local_files_only=True)
+            model = transformers.CLIPModel(config)
+            try:
+                model.load_state_dict(_read_state_dict(weights_path), strict=True)
+            except RuntimeError as e:
+                raise ValueError(
+                    f"{weights_path} does not fit the CLIP model in {model_dir}: {e}"
+                ) from e
+            hashed, weights_label = [weights_path], str(weights_path)
+        else:
+            hashed, weights_label = _weight_files(model_dir), str(model_dir)
+            if not hashed:
+                raise WeightsNotFoundError(
+                    f"no model weights in {model_dir}: expected model.safetensors (or "
+                    f"pytorch_model.bin, or their shards) next to config.json. {_HOW_TO_GET}"
+                )
+            model, info = transformers.CLIPModel.from_pretrained(
+                model_dir, local_files_only=True, output_loading_info=True
+            )
+            if info.get("missing_keys"):
+                # from_pretrained would leave these randomly initialised: refuse, do not guess.
+                missing = sorted(info["missing_keys"])
+                raise ValueError(
+                    f"{model_dir} is missing {len(missing)} CLIP weights, e.g. {missing[:5]}"
+                )
+
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            processor = transformers.CLIPImageProcessor.from_pretrained(
+                model_dir, local_files_only=True
+            )
+        except (OSError, ValueError) as e:
+            raise WeightsNotFoundError(
+                f"{model_dir} needs the tokenizer files and preprocessor_config.json next to the "
+                f"weights (tokenizer / image processor .save_pretrained(DIR)): {e}"
+            ) from e
+
+        self.model = model.to(device)
+        self.eval()  # the wrapper too, so `bb.training` is False and train() flips both
+        self._tokenizer = tokenizer
+        self._processor = processor
+        text_config = model.config.text_config
+        self._context_length = int(text_config.max_position_embeddings)
+        self._eos_id = tokenizer.eos_token_id
+        if self._eos_id is None:
+            self._eos_id = text_config.eos_token_id
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+        self.identity = BackboneIdentity(
+            spec=spec or f"hf:{model_dir}",
+            weights=weights_label,
+            weights_sha256=_files_sha256(hashed),
+            image_size=int(model.config.vision_config.image_size),
+            embed_dim=int(model.config.projection_dim),
+        )
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self._processor(images=image, return_tensors="pt")["pixel_values"][0]  # [3, H, W]
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        # Fixed-length padding (the model's context) so batches from different calls stack.
+        encoded = self._tokenizer(
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=self._context_length,
+            return_tensors="pt",
+        )
+        return encoded["input_ids"]  # [B, L]
+
+    def text_mask(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """`[B, L]` ids -> `[B, L]` bool: True up to and including the first EOS.
+
+        CLIP tokenizers pad with the EOS token itself, so "id != pad" would hide the EOS; rows
+        without an EOS fall back to "id != pad".
+        """
+        positions = torch.arange(token_ids.shape[1], device=token_ids.device)  # [L]
+        mask = token_ids != self._pad_id  # [B, L]
+        if self._eos_id is not None:
+            is_eos = token_ids == self._eos_id  # [B, L]
+            first_eos = is_eos.int().argmax(dim=1)  # [B]
+            upto_eos = positions[None, :] <= first_eos[:, None]  # [B, L]
+            mask = torch.where(is_eos.any(dim=1, keepdim=True), upto_eos, mask)
+        return mask
+
+    # -- towers --------------------------------------------------------------------------------
+
+    def encode_image(self, pixels: torch.Tensor, tokens: bool = False):
+        vision = self.model.vision_model
+        out = vision(pixel_values=pixels, return_dict=True)
+        pooled = self.model.visual_projection(out.pooler_output)  # [B, D]
+        if not tokens:
+            return pooled
+        seq = vision.post_layernorm(out.last_hidden_state)  # [B, 1 + N, W]
+        mask = torch.ones(seq.shape[:2], dtype=torch.bool, device=seq.device)  # [B, 1 + N]
+        return pooled, seq, mask
+
+    def encode_text(self, token_ids: torch.Tensor, tokens: bool = False):
+        mask = self.text_mask(token_ids)  # [B, L]
+        out = self.model.text_model(
+            input_ids=token_ids, attention_mask=mask.long(), return_dict=True
+        )
+        pooled = self.model.text_projection(out.pooler_output)  # [B, D]
+        if not tokens:
+            return pooled
+        return pooled, out.last_hidden_state, mask  # [B, D], [B, L, W], [B, L]

@@ -1,0 +1,1 @@
+"""Data sets in one shape: queries, galleries, loaders."""

@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny open_clip backbone built and saved by the tests themselves."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from circe.backbones import build_openclip_model, load_backbone
+
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32,
+                   "patch_size": 8},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2,
+                 "layers": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """(config path, weights path) of a randomly initialised tiny open_clip model."""
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    config_path = folder / "tiny-clip.json"
+    config_path.write_text(json.dumps(TINY_CONFIG))
+    torch.manual_seed(0)
+    model, _, _ = build_openclip_model(config_path)
+    weights = folder / "tiny-clip.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    return config_path, weights
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_weights):
+    config_path, weights = tiny_weights
+    return load_backbone(f"open_clip:{config_path}", weights)
+
+
+@pytest.fixture(scope="session")
+def default_backbone():
+    """The shipped circe-tiny with its committed weights."""
+    return load_backbone("default")
