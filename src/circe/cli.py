@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from circe.pretrain import PretrainConfig
 from circe.progress import track
 
 app = typer.Typer(
@@ -89,19 +90,21 @@ def pretrain(
     out: Annotated[Path, typer.Option(help="Weights file to write (safetensors).")] = Path(
         "circe-tiny.safetensors"
     ),
-    steps: int = 1500,
-    images: Annotated[int, typer.Option(help="Size of the rendered image pool.")] = 20000,
-    batch_size: int = 256,
-    lr: float = 1e-3,
+    steps: int = PretrainConfig.steps,
+    images: Annotated[int, typer.Option(help="Size of the rendered image pool.")] = (
+        PretrainConfig.images
+    ),
+    batch_size: int = PretrainConfig.batch_size,
+    lr: float = PretrainConfig.lr,
+    warmup_steps: int = PretrainConfig.warmup_steps,
     seed: int = 0,
     threads: Annotated[int, typer.Option(help="Torch CPU threads (0: torch default).")] = 0,
 ) -> None:
     """Pretrain the default backbone (circe-tiny, a small CLIP) on synthetic image-text pairs."""
-    from circe.pretrain import PretrainConfig
     from circe.pretrain import pretrain as run
 
     config = PretrainConfig(seed=seed, images=images, steps=steps, batch_size=batch_size, lr=lr,
-                            threads=threads)
+                            warmup_steps=warmup_steps, threads=threads)
     report = run(out, config, track)
     console.print_json(json.dumps(report))
     console.print(f"weights written to {out}")

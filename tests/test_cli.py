@@ -1,0 +1,59 @@
+"""The `circe` command line, run in-process as a user would type it."""
+
+import json
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from circe.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_synth_then_eval_compares_methods(tmp_path, tiny_weights):
+    config, weights = tiny_weights
+    root = tmp_path / "bench"
+    result = run("synth", "--out", root, "--train", 6, "--val", 6, "--test", 24,
+                 "--test-novel", 3)
+    assert result.exit_code == 0, result.output
+    assert "test: 24 queries" in result.output
+    out = tmp_path / "results.json"
+    result = run("eval", "--method", "image-only", "--method", "sum", "--root", root,
+                 "--backbone", f"open_clip:{config}", "--weights", weights, "--by-kind",
+                 "--json", out)
+    assert result.exit_code == 0, result.output
+    assert "R@10" in result.output and "sum by edit kind" in result.output
+    record = json.loads(out.read_text())
+    assert set(record["results"]) == {"image-only", "sum"}
+    assert set(record["per_kind"]["sum"]) == {"add", "remove", "recolour", "resize", "reshape",
+                                              "move"}
+
+
+def test_user_errors_are_one_clear_line(tmp_path, tiny_weights):
+    config, weights = tiny_weights
+    root = tmp_path / "bench"
+    run("synth", "--out", root, "--train", 6, "--val", 6, "--test", 6, "--test-novel", 3)
+    result = run("eval", "--method", "summ", "--root", root, "--backbone",
+                 f"open_clip:{config}", "--weights", weights)
+    assert result.exit_code == 2 and "unknown method 'summ'" in result.output
+    result = run("eval", "--method", "sum", "--root", root, "--backbone",
+                 f"open_clip:{config}", "--weights", tmp_path / "nope.safetensors")
+    assert result.exit_code == 2 and "nope.safetensors" in result.output
+    result = run("eval", "--method", "sum", "--root", tmp_path / "empty")
+    assert result.exit_code == 2 and "circe synth" in result.output
+    result = run("synth", "--out", root, "--seed", 1)
+    assert result.exit_code == 2 and "other settings" in result.output
+
+
+def test_demo_prints_rankings_and_draws_pictures(tmp_path):
+    result = run("demo", "--out", tmp_path / "demo", "--queries", 3)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("query ") >= 3 and "R@1" in result.output
+    pictures = sorted((tmp_path / "demo").glob("query-*.png"))
+    assert len(pictures) == 3
+    with Image.open(pictures[0]) as picture:
+        assert picture.width > 6 * 128
