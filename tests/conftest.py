@@ -10,10 +10,8 @@ from circe.backbones import build_openclip_model, load_backbone
 
 TINY_CONFIG = {
     "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32,
-                   "patch_size": 8},
-    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2,
-                 "layers": 2},
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
 
 

@@ -17,31 +17,67 @@ def run(*args: str):
 def test_synth_then_eval_compares_methods(tmp_path, tiny_weights):
     config, weights = tiny_weights
     root = tmp_path / "bench"
-    result = run("synth", "--out", root, "--train", 6, "--val", 6, "--test", 24,
-                 "--test-novel", 3)
+    result = run("synth", "--out", root, "--train", 6, "--val", 6, "--test", 24, "--test-unseen", 3)
     assert result.exit_code == 0, result.output
     assert "test: 24 queries" in result.output
     out = tmp_path / "results.json"
-    result = run("eval", "--method", "image-only", "--method", "sum", "--root", root,
-                 "--backbone", f"open_clip:{config}", "--weights", weights, "--by-kind",
-                 "--json", out)
+    result = run(
+        "eval",
+        "--method",
+        "image-only",
+        "--method",
+        "sum",
+        "--root",
+        root,
+        "--backbone",
+        f"open_clip:{config}",
+        "--weights",
+        weights,
+        "--by-kind",
+        "--json",
+        out,
+    )
     assert result.exit_code == 0, result.output
     assert "R@10" in result.output and "sum by edit kind" in result.output
     record = json.loads(out.read_text())
     assert set(record["results"]) == {"image-only", "sum"}
-    assert set(record["per_kind"]["sum"]) == {"add", "remove", "recolour", "resize", "reshape",
-                                              "move"}
+    assert set(record["per_kind"]["sum"]) == {
+        "add",
+        "remove",
+        "recolour",
+        "resize",
+        "reshape",
+        "move",
+    }
 
 
 def test_user_errors_are_one_clear_line(tmp_path, tiny_weights):
     config, weights = tiny_weights
     root = tmp_path / "bench"
-    run("synth", "--out", root, "--train", 6, "--val", 6, "--test", 6, "--test-novel", 3)
-    result = run("eval", "--method", "summ", "--root", root, "--backbone",
-                 f"open_clip:{config}", "--weights", weights)
+    run("synth", "--out", root, "--train", 6, "--val", 6, "--test", 6, "--test-unseen", 3)
+    result = run(
+        "eval",
+        "--method",
+        "summ",
+        "--root",
+        root,
+        "--backbone",
+        f"open_clip:{config}",
+        "--weights",
+        weights,
+    )
     assert result.exit_code == 2 and "unknown method 'summ'" in result.output
-    result = run("eval", "--method", "sum", "--root", root, "--backbone",
-                 f"open_clip:{config}", "--weights", tmp_path / "nope.safetensors")
+    result = run(
+        "eval",
+        "--method",
+        "sum",
+        "--root",
+        root,
+        "--backbone",
+        f"open_clip:{config}",
+        "--weights",
+        tmp_path / "nope.safetensors",
+    )
     assert result.exit_code == 2 and "nope.safetensors" in result.output
     result = run("eval", "--method", "sum", "--root", tmp_path / "empty")
     assert result.exit_code == 2 and "circe synth" in result.output

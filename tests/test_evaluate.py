@@ -9,7 +9,7 @@ from circe.data.types import CIRSplit, DatasetFormatError, Query
 from circe.eval.evaluate import evaluate
 from circe.methods import create_method
 
-CONFIG = SynthConfig(seed=5, train=6, val=6, test=30, test_novel=3)
+CONFIG = SynthConfig(seed=5, train=6, val=6, test=30, test_unseen=3)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +35,9 @@ def test_reference_exclusion_is_applied(tiny_backbone, test_split):
 
 
 def test_result_shapes_and_per_kind_breakdown(tiny_backbone, test_split):
-    result = evaluate(create_method("sum", tiny_backbone), test_split, ks=(1, 10, 50),
-                      keep_top=7, batch_size=8)
+    result = evaluate(
+        create_method("sum", tiny_backbone), test_split, ks=(1, 10, 50), keep_top=7, batch_size=8
+    )
     assert set(result.metrics) == {"R@1", "R@10", "R@50"}
     assert 0 <= result.metrics["R@1"] <= result.metrics["R@10"] <= result.metrics["R@50"] <= 100
     assert set(result.per_tag) == {q.tags[0] for q in test_split.queries}
@@ -56,10 +57,12 @@ def test_batch_size_does_not_change_results(tiny_backbone, test_split):
 def test_bad_splits_are_refused(tiny_backbone, test_split):
     method = create_method("sum", tiny_backbone)
     hidden = dataclasses.replace(
-        test_split, queries=[dataclasses.replace(q, target_ids=()) for q in test_split.queries])
+        test_split, queries=[dataclasses.replace(q, target_ids=()) for q in test_split.queries]
+    )
     with pytest.raises(ValueError, match="hidden test labels"):
         evaluate(method, hidden)
     broken = dataclasses.replace(
-        test_split, queries=[Query("q", "no-such-image", ("x",), (test_split.gallery.ids[0],))])
+        test_split, queries=[Query("q", "no-such-image", ("x",), (test_split.gallery.ids[0],))]
+    )
     with pytest.raises(DatasetFormatError, match="no-such-image"):
         broken.check()

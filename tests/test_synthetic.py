@@ -1,4 +1,4 @@
-"""The synthetic benchmark: determinism, exact ground truth, disjoint splits, the novel split."""
+"""The synthetic benchmark: determinism, exact ground truth, disjoint splits, the unseen split."""
 
 import json
 import random
@@ -23,14 +23,14 @@ from circe.data.synthetic import (
 )
 from circe.data.types import DatasetFormatError
 
-SMALL = SynthConfig(seed=3, train=60, val=12, test=24, test_novel=12)
+SMALL = SynthConfig(seed=3, train=60, val=12, test=24, test_unseen=12)
 
 
 def test_generation_is_deterministic_and_seed_dependent():
     first, again = generate(SMALL), generate(SMALL)
     assert first.split_queries == again.split_queries
     assert first.scenes == again.scenes
-    other = generate(SynthConfig(seed=4, train=60, val=12, test=24, test_novel=12))
+    other = generate(SynthConfig(seed=4, train=60, val=12, test=24, test_unseen=12))
     assert other.split_queries != first.split_queries
 
 
@@ -93,9 +93,9 @@ def test_edit_text_describes_the_scene_difference(kind):
             assert after.size != before.size
 
 
-def test_held_out_combinations_only_in_the_novel_split():
-    data = generate(SynthConfig(seed=1, train=300, val=30, test=120, test_novel=60))
-    pattern = re.compile(r"\b(%s) (%s)\b" % ("|".join(COLOURS), "|".join(SHAPES)))
+def test_held_out_combinations_only_in_the_unseen_split():
+    data = generate(SynthConfig(seed=1, train=300, val=30, test=120, test_unseen=60))
+    pattern = re.compile(r"\b({}) ({})\b".format("|".join(COLOURS), "|".join(SHAPES)))
 
     def mentions_held_out(text: str) -> bool:
         return any(tuple(m) in HELD_OUT_COMBINATIONS for m in pattern.findall(text))
@@ -107,7 +107,7 @@ def test_held_out_combinations_only_in_the_novel_split():
             changed = set(target) ^ set(reference)
             assert not any((o.colour, o.shape) in HELD_OUT_COMBINATIONS for o in changed)
             assert not mentions_held_out(query["text"])
-    for query in data.split_queries["test-novel"]:
+    for query in data.split_queries["test_unseen"]:
         new = set(data.scenes[query["target"]]) - set(data.scenes[query["reference"]])
         assert any((o.colour, o.shape) in HELD_OUT_COMBINATIONS for o in new)
 
@@ -138,7 +138,7 @@ def test_rewriting_the_same_benchmark_is_a_no_op_and_a_different_one_is_refused(
     write_synthetic(root, SMALL)
     assert (root / "annotations.json").stat().st_mtime_ns == stamp
     with pytest.raises(FileExistsError, match="other settings"):
-        write_synthetic(root, SynthConfig(seed=99, train=6, val=6, test=6, test_novel=3))
+        write_synthetic(root, SynthConfig(seed=99, train=6, val=6, test=6, test_unseen=3))
 
 
 def test_loading_errors_name_the_problem(tmp_path):
@@ -161,6 +161,8 @@ def test_written_words_change_only_the_lower_band_and_are_deterministic():
     assert written.size == image.size
     box = ImageChops.difference(image, written).getbbox()
     assert box is not None and box[1] >= 128 * 0.6
-    assert ImageChops.difference(written, write_words(image, "large  blue square")).getbbox() is None
+    assert (
+        ImageChops.difference(written, write_words(image, "large  blue square")).getbbox() is None
+    )
     longer = write_words(image, "small purple diamond at the bottom right")
     assert ImageChops.difference(longer, written).getbbox() is not None

@@ -67,14 +67,20 @@ def synth(
     train: Annotated[int, typer.Option(help="Training queries.")] = 3000,
     val: int = 400,
     test: int = 1000,
-    test_novel: int = 400,
+    test_unseen: int = 400,
     edits_per_reference: int = 3,
 ) -> None:
     """Write the synthetic benchmark (PNG images + JSON annotations), deterministic from SEED."""
     from circe.data.synthetic import SPLITS, SynthConfig, load_synthetic, write_synthetic
 
-    config = SynthConfig(seed=seed, train=train, val=val, test=test, test_novel=test_novel,
-                         edits_per_reference=edits_per_reference)
+    config = SynthConfig(
+        seed=seed,
+        train=train,
+        val=val,
+        test=test,
+        test_unseen=test_unseen,
+        edits_per_reference=edits_per_reference,
+    )
     try:
         root = write_synthetic(out, config, track)
     except FileExistsError as error:
@@ -103,8 +109,15 @@ def pretrain(
     """Pretrain the default backbone (circe-tiny, a small CLIP) on synthetic image-text pairs."""
     from circe.pretrain import pretrain as run
 
-    config = PretrainConfig(seed=seed, images=images, steps=steps, batch_size=batch_size, lr=lr,
-                            warmup_steps=warmup_steps, threads=threads)
+    config = PretrainConfig(
+        seed=seed,
+        images=images,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        threads=threads,
+    )
     report = run(out, config, track)
     console.print_json(json.dumps(report))
     console.print(f"weights written to {out}")
@@ -160,8 +173,14 @@ def evaluate_command(
         for name in method:
             console.print(_metrics_table(f"{name} by edit kind", per_kind[name]))
     if json_out is not None:
-        record = {"dataset": dataset, "split": split, "backbone": backbone,
-                  "protocol": data.protocol, "results": results, "per_kind": per_kind}
+        record = {
+            "dataset": dataset,
+            "split": split,
+            "backbone": backbone,
+            "protocol": data.protocol,
+            "results": results,
+            "per_kind": per_kind,
+        }
         json_out.write_text(json.dumps(record, indent=2))
 
 
@@ -189,7 +208,7 @@ def demo(
     for n, pick in enumerate(picks, 1):
         rank = pick.target_rank
         verdict = f"[green]target at #{rank}[/]" if rank else "[red]target not in top 10[/]"
-        console.print(f"\n[bold]query {n}[/]: {pick.reference_id} + \"{pick.text}\" -> {verdict}")
+        console.print(f'\n[bold]query {n}[/]: {pick.reference_id} + "{pick.text}" -> {verdict}')
         for position, (image_id, score) in enumerate(
             zip(pick.ranked_ids[:5], pick.ranked_scores), 1
         ):

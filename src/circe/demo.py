@@ -13,7 +13,7 @@ from circe.data.types import CIRSplit
 from circe.eval.evaluate import EvalResult, evaluate
 from circe.methods.base import CIRMethod
 
-DEMO_CONFIG = SynthConfig(seed=7, train=0, val=0, test=150, test_novel=0)
+DEMO_CONFIG = SynthConfig(seed=7, train=0, val=0, test=150, test_unseen=0)
 
 
 @dataclass
@@ -28,7 +28,9 @@ class DemoQuery:
     @property
     def target_rank(self) -> int | None:
         """1-based rank of the target among the kept results, None if not among them."""
-        return self.ranked_ids.index(self.target_id) + 1 if self.target_id in self.ranked_ids else None
+        return (
+            self.ranked_ids.index(self.target_id) + 1 if self.target_id in self.ranked_ids else None
+        )
 
 
 def build_demo_split(out: Path, progress=None) -> CIRSplit:
@@ -41,14 +43,25 @@ def pick_queries(split: CIRSplit, result: EvalResult, count: int) -> list[DemoQu
     by_kind: dict[str, list[int]] = {}
     for i, query in enumerate(split.queries):
         by_kind.setdefault(query.tags[0] if query.tags else "", []).append(i)
-    order = [rows[n] for n in range(max(map(len, by_kind.values()))) for rows in
-             by_kind.values() if n < len(rows)]
+    order = [
+        rows[n]
+        for n in range(max(map(len, by_kind.values())))
+        for rows in by_kind.values()
+        if n < len(rows)
+    ]
     picked = []
     for i in order[:count]:
         query = split.queries[i]
-        picked.append(DemoQuery(query.query_id, query.reference_id, query.text,
-                                query.target_ids[0], result.ranked_ids[i],
-                                result.ranked_scores[i]))
+        picked.append(
+            DemoQuery(
+                query.query_id,
+                query.reference_id,
+                query.text,
+                query.target_ids[0],
+                result.ranked_ids[i],
+                result.ranked_scores[i],
+            )
+        )
     return picked
 
 

@@ -50,10 +50,18 @@ def _random_words(rng: random.Random) -> str:
     """Words of the benchmark's vocabulary, as a key-word extractor would give them."""
     colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
     size, position = rng.choice(SIZES), rng.choice(POSITIONS)
-    return rng.choice([
-        colour, shape, size, position, f"{colour} {shape}", f"{size} {colour} {shape}",
-        f"{colour} {shape} {position}", f"{size} {shape}",
-    ])
+    return rng.choice(
+        [
+            colour,
+            shape,
+            size,
+            position,
+            f"{colour} {shape}",
+            f"{size} {colour} {shape}",
+            f"{colour} {shape} {position}",
+            f"{size} {shape}",
+        ]
+    )
 
 
 def build_pool(model_preprocess, config: PretrainConfig, progress: Progress | None = None):
@@ -90,8 +98,10 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
     for name, param in model.named_parameters():
         skip = param.ndim < 2 or "embedding" in name or "logit_scale" in name
         (no_decay if skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 @torch.no_grad()

@@ -15,7 +15,10 @@ class GalleryImages(Dataset):
     """Gallery images in a given id order, preprocessed for one backbone."""
 
     def __init__(
-        self, gallery: Gallery, ids: Sequence[str], preprocess: Callable[[Image.Image], torch.Tensor]
+        self,
+        gallery: Gallery,
+        ids: Sequence[str],
+        preprocess: Callable[[Image.Image], torch.Tensor],
     ):
         self.gallery, self.ids, self.preprocess = gallery, list(ids), preprocess
 

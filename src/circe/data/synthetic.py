@@ -7,7 +7,7 @@ is the edited scene, so the ground truth is exact. Every image also has a captio
 its scene.
 
 Splits: `train`, `val`, `test` hold disjoint scenes (no scene, reference or target,
-appears in two splits). `test-novel` asks for colour-shape combinations that no
+appears in two splits). `test_unseen` asks for colour-shape combinations that no
 modification text of the other splits ever mentions (`HELD_OUT_COMBINATIONS`), to
 measure compositional generalisation.
 
@@ -38,9 +38,9 @@ from circe.data.render import (
 from circe.data.types import CIRSplit, DatasetFormatError, Gallery, Query
 
 EDIT_KINDS = ("add", "remove", "recolour", "resize", "reshape", "move")
-NOVEL_KINDS = ("add", "recolour", "reshape")
-SPLITS = ("train", "val", "test", "test-novel")
-# (colour, shape) pairs that no modification text outside `test-novel` talks about.
+UNSEEN_KINDS = ("add", "recolour", "reshape")
+SPLITS = ("train", "val", "test", "test_unseen")
+# (colour, shape) pairs that no modification text outside `test_unseen` talks about.
 HELD_OUT_COMBINATIONS = frozenset(
     {("red", "triangle"), ("blue", "circle"), ("green", "diamond"), ("yellow", "square")}
 )
@@ -55,14 +55,18 @@ class SynthConfig:
     train: int = 3000
     val: int = 400
     test: int = 1000
-    test_novel: int = 400
+    test_unseen: int = 400
     image_size: int = 128
     max_objects: int = 5
     edits_per_reference: int = 3
 
     def split_sizes(self) -> dict[str, int]:
-        return {"train": self.train, "val": self.val, "test": self.test,
-                "test-novel": self.test_novel}
+        return {
+            "train": self.train,
+            "val": self.val,
+            "test": self.test,
+            "test_unseen": self.test_unseen,
+        }
 
 
 @dataclass
@@ -105,8 +109,10 @@ def caption(scene: Scene, rng: random.Random | None = None) -> str:
 def _referring_expressions(obj: SceneObject, scene: Scene) -> list[str]:
     """Ways to name `obj` that pick it out uniquely in `scene`."""
     others = [o for o in scene if o != obj]
-    options = [f"{obj.shape} in the {POSITIONS[obj.cell]}", f"{obj.colour} {obj.shape} "
-               f"at the {POSITIONS[obj.cell]}"]
+    options = [
+        f"{obj.shape} in the {POSITIONS[obj.cell]}",
+        (f"{obj.colour} {obj.shape} at the {POSITIONS[obj.cell]}"),
+    ]
     if not any(o.shape == obj.shape for o in others):
         options.append(obj.shape)
     if not any((o.colour, o.shape) == (obj.colour, obj.shape) for o in others):
@@ -233,7 +239,7 @@ def generate(config: SynthConfig = SynthConfig()) -> SyntheticData:
             return ids.setdefault(scene, f"{prefix}-{len(ids):05d}")
 
         # Only edits that create an attribute can be novel.
-        kinds = NOVEL_KINDS if split == "test-novel" else EDIT_KINDS
+        kinds = UNSEEN_KINDS if split == "test_unseen" else EDIT_KINDS
         attempts = 0
         while len(queries) < size:
             attempts += 1
@@ -254,20 +260,22 @@ def generate(config: SynthConfig = SynthConfig()) -> SyntheticData:
                     continue
                 target, text, before, after = edit
                 novel = _touches_held_out(after) and not _touches_held_out(before)
-                if split == "test-novel" and not novel:
+                if split == "test_unseen" and not novel:
                     continue
-                if split != "test-novel" and _touches_held_out(before, after):
+                if split != "test_unseen" and _touches_held_out(before, after):
                     continue
                 if target in owner or target in targets:
                     continue
                 targets.add(target)
-                queries.append({
-                    "query_id": f"{prefix}-q{len(queries):05d}",
-                    "reference": image_id(reference),
-                    "target": image_id(target),
-                    "text": text,
-                    "kind": kind,
-                })
+                queries.append(
+                    {
+                        "query_id": f"{prefix}-q{len(queries):05d}",
+                        "reference": image_id(reference),
+                        "target": image_id(target),
+                        "text": text,
+                        "kind": kind,
+                    }
+                )
         for scene, scene_id in ids.items():
             owner[scene] = scene_id
             data.scenes[scene_id] = scene
@@ -354,19 +362,25 @@ def load_synthetic(root: Path, split: str = "test") -> CIRSplit:
     queries = []
     for n, record in enumerate(part["queries"]):
         try:
-            queries.append(Query(
-                query_id=record["query_id"],
-                reference_id=record["reference"],
-                texts=(record["text"],),
-                target_ids=(record["target"],),
-                tags=(record["kind"],),
-            ))
+            queries.append(
+                Query(
+                    query_id=record["query_id"],
+                    reference_id=record["reference"],
+                    texts=(record["text"],),
+                    target_ids=(record["target"],),
+                    tags=(record["kind"],),
+                )
+            )
         except KeyError as missing:
             raise DatasetFormatError(
                 f"{annotations_path}: split {split!r} query #{n} lacks field {missing}"
             ) from None
-    result = CIRSplit(split, queries, gallery, exclude_reference=True,
-                      protocol={"dataset": "synthetic", "split": split,
-                                "reference_excluded": "yes"})
+    result = CIRSplit(
+        split,
+        queries,
+        gallery,
+        exclude_reference=True,
+        protocol={"dataset": "synthetic", "split": split, "reference_excluded": "yes"},
+    )
     result.check()
     return result

@@ -61,10 +61,12 @@ def encode_queries(
     batches = query_batches(queries, split.gallery, method.backbone.preprocess, batch_size, workers)
     total = -(-len(queries) // batch_size)
     device = method.backbone.device
-    return torch.cat([
-        method.encode_queries(pixels.to(device), texts).cpu()
-        for pixels, texts in progress(batches, total, "queries")
-    ])
+    return torch.cat(
+        [
+            method.encode_queries(pixels.to(device), texts).cpu()
+            for pixels, texts in progress(batches, total, "queries")
+        ]
+    )
 
 
 def masks(split: CIRSplit, queries: Sequence[Query]) -> tuple[torch.Tensor, torch.Tensor]:
