@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -13,6 +14,9 @@ from rich.table import Table
 
 from circe.pretrain import PretrainConfig
 from circe.progress import track
+
+if TYPE_CHECKING:
+    from circe.train import TrainConfig
 
 app = typer.Typer(
     help="circe: composed image retrieval (reference image + modification text).",
@@ -44,6 +48,16 @@ def _load_method(name: str, backbone: str, weights: Path | None):
         model = load_backbone(backbone, weights)
         return create_method(name, model)
     except (WeightsNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+
+
+def _load_checkpoint(path: Path):
+    from circe.backbones import WeightsNotFoundError
+    from circe.train.checkpoint import load_trained_method
+
+    try:
+        return load_trained_method(path)
+    except (FileNotFoundError, WeightsNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
 
 
@@ -134,7 +148,15 @@ def list_registered() -> None:
 
 @app.command("eval")
 def evaluate_command(
-    method: Annotated[list[str], typer.Option(help="Method name; repeat to compare several.")],
+    method: Annotated[
+        list[str] | None, typer.Option(help="Method name; repeat to compare several.")
+    ] = None,
+    checkpoint: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A trained method: RUN_DIR/best (or /last) of `circe train`; repeatable."
+        ),
+    ] = None,
     dataset: Annotated[str, typer.Option(help="Data set (synthetic).")] = "synthetic",
     root: Annotated[Path, typer.Option(help="Data set directory.")] = DEFAULT_SYNTHETIC_ROOT,
     split: str = "test",
@@ -148,6 +170,8 @@ def evaluate_command(
     """Evaluate methods on a benchmark split; prints R@1/R@10/R@50."""
     from circe.eval.evaluate import evaluate
 
+    if not method and not checkpoint:
+        raise _fail("name a --method or a trained --checkpoint RUN_DIR/best to evaluate")
     if dataset != "synthetic":
         raise _fail(f"unknown dataset {dataset!r}; available: synthetic")
     from circe.data.synthetic import SynthConfig, load_synthetic, write_synthetic
@@ -160,8 +184,14 @@ def evaluate_command(
     except (FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
     results, per_kind = {}, {}
-    for name in method:
-        model = _load_method(name, backbone, weights)
+    candidates = [
+        (name, lambda name=name: _load_method(name, backbone, weights)) for name in method or []
+    ]
+    candidates += [
+        (f"{path}", lambda path=path: _load_checkpoint(path)) for path in checkpoint or []
+    ]
+    for name, load in candidates:
+        model = load()
         started = time.time()
         result = evaluate(model, data, batch_size=batch_size, workers=workers, progress=track)
         results[name] = result.metrics
@@ -170,7 +200,7 @@ def evaluate_command(
     title = f"{dataset} {split} ({len(data.queries)} queries, {len(data.gallery)} images)"
     console.print(_metrics_table(title, results))
     if by_kind:
-        for name in method:
+        for name in results:
             console.print(_metrics_table(f"{name} by edit kind", per_kind[name]))
     if json_out is not None:
         record = {
@@ -182,6 +212,204 @@ def evaluate_command(
             "per_kind": per_kind,
         }
         json_out.write_text(json.dumps(record, indent=2))
+
+
+def _ensure_synthetic(dataset: str, root: Path) -> None:
+    """Generate the default synthetic benchmark when it is asked for and absent."""
+    from circe.data.synthetic import SynthConfig, write_synthetic
+
+    if (
+        dataset == "synthetic"
+        and root == DEFAULT_SYNTHETIC_ROOT
+        and not (root / "meta.json").exists()
+    ):
+        console.print(f"no benchmark at {root}: generating the default one (circe synth)")
+        write_synthetic(root, SynthConfig(), track)
+
+
+def _print_run(results: dict) -> None:
+    console.print(
+        _metrics_table(
+            f"{results['method']} (best epoch {results['best_epoch'] + 1})", results["test"]
+        )
+    )
+    parameters = results["parameters"]
+    console.print(
+        f"trained {results['global_step']} steps in {results['train_seconds']:.1f}s; "
+        f"{parameters['trainable']:,} trainable of {parameters['total']:,} parameters"
+    )
+
+
+@app.command("train")
+def train_command(
+    method: Annotated[str | None, typer.Option(help="Method to train (default: combiner).")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Data set (synthetic).")] = None,
+    root: Annotated[Path | None, typer.Option(help="Data set directory.")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="YAML file of TrainConfig fields; flags override it.")
+    ] = None,
+    epochs: int | None = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Learning rate of the fusion parameters.")
+    ] = None,
+    backbone_lr: Annotated[
+        float | None, typer.Option(help="Learning rate of the backbone.")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Global batch per optimizer step.")] = None,
+    seed: int | None = None,
+    backbone: Annotated[str | None, typer.Option(help="Backbone spec (default: default).")] = None,
+    weights: WeightsOption = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Run directory (default runs/METHOD-TIME).")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue the run in this directory from its `last`.")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
+    feature_cache: Annotated[
+        bool | None, typer.Option(help="Cache frozen-backbone features (default: on).")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch CPU threads (0: default).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Image decoding worker processes.")] = None,
+) -> None:
+    """Train a method (with checkpoints in RUN_DIR, metrics.jsonl and results.json)."""
+    from circe.backbones import WeightsNotFoundError
+    from circe.train import TrainConfig, train
+    from circe.train import resume as resume_run
+
+    flags = {
+        "method": method,
+        "dataset": dataset,
+        "root": None if root is None else str(root),
+        "epochs": epochs,
+        "lr": lr,
+        "backbone_lr": backbone_lr,
+        "batch_size": batch_size,
+        "seed": seed,
+        "backbone": backbone,
+        "backbone_weights": None if weights is None else str(weights),
+        "max_steps": max_steps,
+        "feature_cache": feature_cache,
+        "threads": threads,
+        "workers": workers,
+    }
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    try:
+        if resume is not None:
+            if config is not None:
+                raise ValueError("--config cannot be used with --resume: the run has its config")
+            result = resume_run(resume, overrides)
+        else:
+            settings = TrainConfig.from_yaml(config) if config else TrainConfig()
+            settings = settings.replace(**overrides)
+            _ensure_synthetic(settings.dataset, Path(settings.root))
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            run_dir = out or Path("runs") / f"{settings.method}-{settings.dataset}-{stamp}"
+            console.print(f"training {settings.method} on {settings.dataset} -> {run_dir}")
+            result = train(settings, run_dir)
+    except (
+        FileNotFoundError,
+        FileExistsError,
+        WeightsNotFoundError,
+        TypeError,
+        ValueError,
+    ) as error:
+        raise _fail(str(error)) from None
+    if not result.finished:
+        console.print(f"stopped at max_steps; continue with: circe train --resume {result.run_dir}")
+    elif result.results is not None:
+        _print_run(result.results)
+        console.print(
+            f"run written to {result.run_dir} (evaluate: circe eval --checkpoint {result.run_dir}/best)"
+        )
+
+
+bench_app = typer.Typer(
+    help="Benchmarks: method quality over seeds, the feature cache's speed-up.",
+    no_args_is_help=True,
+)
+app.add_typer(bench_app, name="bench")
+BenchOutOption = Annotated[
+    Path, typer.Option(help="Directory for the JSON record and the Markdown table.")
+]
+
+
+def _bench_config(config: Path | None, **overrides) -> TrainConfig:
+    from circe.train import TrainConfig
+
+    settings = TrainConfig.from_yaml(config) if config else TrainConfig()
+    settings = settings.replace(**{k: v for k, v in overrides.items() if v is not None})
+    _ensure_synthetic(settings.dataset, Path(settings.root))
+    return settings
+
+
+def _command_line() -> str:
+    return " ".join(["circe", *sys.argv[1:]])
+
+
+@bench_app.command("quality")
+def bench_quality(
+    root: Annotated[Path, typer.Option(help="Data set directory.")] = DEFAULT_SYNTHETIC_ROOT,
+    out: BenchOutOption = Path("benchmarks/results"),
+    seeds: Annotated[int, typer.Option(help="Training seeds per trainable method.")] = 3,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per training run.")] = None,
+    method: Annotated[
+        list[str] | None, typer.Option(help="Only these methods (default: all registered).")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML TrainConfig for every run.")] = None,
+    backbone: BackboneOption = "default",
+    weights: WeightsOption = None,
+    threads: Annotated[int | None, typer.Option(help="Torch CPU threads (0: default).")] = None,
+) -> None:
+    """Evaluate every zero-shot method and train every trainable one over seeds; write
+    quality.json and quality.md."""
+    from circe.backbones import WeightsNotFoundError
+    from circe.bench import quality
+
+    try:
+        base = _bench_config(
+            config,
+            root=str(root),
+            epochs=epochs,
+            backbone=backbone,
+            backbone_weights=None if weights is None else str(weights),
+            threads=threads,
+        )
+        record = quality(base, out, range(seeds), method, _command_line())
+    except (FileNotFoundError, WeightsNotFoundError, TypeError, ValueError) as error:
+        raise _fail(str(error)) from None
+    console.print((out / "quality.md").read_text())
+    console.print(f"{len(record['methods'])} methods; written to {out}/quality.json and .md")
+
+
+@bench_app.command("cache-speed")
+def bench_cache_speed(
+    root: Annotated[Path, typer.Option(help="Data set directory.")] = DEFAULT_SYNTHETIC_ROOT,
+    out: BenchOutOption = Path("benchmarks/results"),
+    method: str = "combiner",
+    batch_size: int | None = None,
+    backbone: BackboneOption = "default",
+    weights: WeightsOption = None,
+    threads: Annotated[int | None, typer.Option(help="Torch CPU threads (0: default).")] = None,
+) -> None:
+    """One training epoch with and without the feature cache; write cache_speed.json and .md."""
+    from circe.backbones import WeightsNotFoundError
+    from circe.bench import cache_speed
+
+    try:
+        base = _bench_config(
+            None,
+            method=method,
+            root=str(root),
+            batch_size=batch_size,
+            backbone=backbone,
+            backbone_weights=None if weights is None else str(weights),
+            threads=threads,
+        )
+        cache_speed(base, out, _command_line())
+    except (FileNotFoundError, WeightsNotFoundError, TypeError, ValueError) as error:
+        raise _fail(str(error)) from None
+    console.print((out / "cache_speed.md").read_text())
 
 
 @app.command()

@@ -82,7 +82,7 @@ def draw_query(split: CIRSplit, query: DemoQuery, top: int = 5, tile: int = 128)
         hit = image_id == query.target_id
         colour = (20, 160, 40) if hit else (200, 200, 200)
         draw.rectangle((x - 3, y - 3, x + tile + 2, y + tile + 2), outline=colour, width=3)
-        label = f"#{n + 1} {score:.2f}" + ("  target" if hit else "")
+        label = f"#{n + 1}  score {score:.2f}" + ("  target" if hit else "")
         draw.text((x, y + tile + 2), label, font=small, fill=colour if hit else (60, 60, 60))
     return sheet
 

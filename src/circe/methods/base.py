@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import torch
@@ -23,6 +23,16 @@ class Batch:
     target_pixels: torch.Tensor  # [B, 3, H, W]
 
 
+def contrastive_loss(
+    queries: torch.Tensor, targets: torch.Tensor, temperature: float | torch.Tensor
+) -> torch.Tensor:
+    """Batch contrastive (InfoNCE) loss: query i's positive is target i, every other target
+    of the batch is a negative. `queries [B, D]`, `targets [B, D]`, unit vectors."""
+    logits = queries @ targets.T / temperature  # [B, B]
+    labels = torch.arange(len(logits), device=logits.device)
+    return F.cross_entropy(logits, labels)
+
+
 class CIRMethod(nn.Module, ABC):
     """A composed image retrieval model.
 
@@ -32,6 +42,9 @@ class CIRMethod(nn.Module, ABC):
 
     name: ClassVar[str]
     trainable: ClassVar[bool] = True
+    # True: the backbone is never trained, so its outputs are a pure function of the input
+    # and may be computed once and cached (see `FrozenBackboneMethod`, `circe.train.cache`).
+    frozen_backbone: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone):
         super().__init__()
@@ -45,6 +58,12 @@ class CIRMethod(nn.Module, ABC):
     def encode_queries(self, reference_pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """`[B, 3, H, W]` + B texts -> `[B, D]` unit vectors."""
 
+    def config_dict(self) -> dict:
+        """Keyword arguments that recreate this method with `create_method` (saved with
+        checkpoints). Methods keep their settings as a dataclass in `self.config`."""
+        config = getattr(self, "config", None)
+        return asdict(config) if config is not None else {}
+
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """B texts -> `[B, D]` backbone text embeddings (not normalised)."""
         token_ids = self.backbone.tokenize(texts).to(self.backbone.device)
@@ -54,9 +73,59 @@ class CIRMethod(nn.Module, ABC):
         """Batch contrastive loss: each query against every target in the batch."""
         queries = self.encode_queries(batch.reference_pixels, batch.texts)
         targets = self.encode_targets(batch.target_pixels)
-        logits = queries @ targets.T / temperature  # [B, B]
-        labels = torch.arange(len(logits), device=logits.device)
-        return {"loss": F.cross_entropy(logits, labels)}
+        return {"loss": contrastive_loss(queries, targets, temperature)}
+
+
+class FrozenBackboneMethod(CIRMethod):
+    """A method that trains only a fusion module on top of a frozen backbone.
+
+    The fusion is written against backbone features (`encode_*_from_features`); the pixel
+    and text entry points of the contract run the backbone and then the same functions, so
+    training from cached features and inference share one code path. The trainer may
+    compute `backbone_image_features` / `backbone_text_features` once per image and text,
+    store them (`circe.train.cache`) and call the `*_from_features` functions directly.
+    """
+
+    frozen_backbone = True
+
+    def __init__(self, backbone: Backbone):
+        super().__init__(backbone)
+        # Frozen for good: no gradients (and so no optimizer state) for the backbone. This
+        # flags the backbone object itself, which is what frozen means when it is shared.
+        self.backbone.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> FrozenBackboneMethod:
+        super().train(mode)
+        self.backbone.eval()  # a frozen backbone never runs in training mode (dropout etc.)
+        return self
+
+    @torch.no_grad()
+    def backbone_image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`[B, 3, H, W]` -> `[B, D]` pooled image embeddings (not normalised): what is cached."""
+        return self.backbone.encode_image(pixels)
+
+    @torch.no_grad()
+    def backbone_text_features(self, texts: list[str]) -> torch.Tensor:
+        """B texts -> `[B, D]` pooled text embeddings (not normalised): what is cached."""
+        return self.encode_texts(texts)
+
+    def encode_targets(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.encode_targets_from_features(self.backbone_image_features(pixels))
+
+    def encode_queries(self, reference_pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        return self.encode_queries_from_features(
+            self.backbone_image_features(reference_pixels), self.backbone_text_features(texts)
+        )
+
+    def encode_targets_from_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """`[N, D]` backbone image features -> `[N, D]` unit vectors. Default: normalise."""
+        return F.normalize(image_features, dim=-1)
+
+    @abstractmethod
+    def encode_queries_from_features(
+        self, image_features: torch.Tensor, text_features: torch.Tensor
+    ) -> torch.Tensor:
+        """`[B, D]` reference image features + `[B, D]` text features -> `[B, D]` unit vectors."""
 
 
 _REGISTRY: dict[str, type[CIRMethod]] = {}
@@ -79,11 +148,15 @@ def list_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_method(name: str, backbone: Backbone, **config) -> CIRMethod:
+def method_class(name: str) -> type[CIRMethod]:
+    """The class registered as `name` (to ask e.g. `trainable` before building anything)."""
     try:
-        cls = _REGISTRY[name]
+        return _REGISTRY[name]
     except KeyError:
         raise ValueError(
             f"unknown method {name!r}; choose one of: {', '.join(list_methods())}"
         ) from None
-    return cls(backbone, **config)
+
+
+def create_method(name: str, backbone: Backbone, **config) -> CIRMethod:
+    return method_class(name)(backbone, **config)

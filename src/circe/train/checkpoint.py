@@ -1,0 +1,142 @@
+"""Checkpoints: atomic, self-describing, and enough to resume a run exactly.
+
+A checkpoint is a directory `RUN_DIR/ckpt-<step>-<token>/` with
+  - `model.safetensors`: the trained weights (the objective's state without a frozen backbone:
+    `method.*` keys and the learned temperature),
+  - `config.json`: the training config, the method's name and config, the backbone identity,
+    and the position/metrics at which it was taken,
+  - `state.pt`: optimizer, scheduler, grad scaler, RNG states (python, numpy, torch, cuda; one
+    per process), step, epoch, position in the epoch, early-stopping state.
+`RUN_DIR/last` and `RUN_DIR/best` are symbolic links to checkpoint directories. A checkpoint
+is written into a temporary directory, every file fsynced, renamed to its final name, and
+only then is the link swapped with an atomic rename: a crash or a failed write at any point
+leaves the previous `last`/`best` whole. Directories no link points to are then removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+LINKS = ("last", "best")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    info: dict[str, Any]  # config.json
+    weights: dict[str, torch.Tensor]
+
+    def training_state(self) -> dict[str, Any]:
+        # Our own file (RNG states hold numpy arrays and Python tuples): not weights_only.
+        return torch.load(self.path / "state.pt", map_location="cpu", weights_only=False)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # works for directories too (POSIX)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    links: tuple[str, ...],
+    weights: dict[str, torch.Tensor],
+    info: dict[str, Any],
+    state: dict[str, Any],
+) -> Path:
+    """Write one checkpoint and point each of `links` ("last", "best") at it, atomically."""
+    run_dir = Path(run_dir)
+    token = uuid.uuid4().hex[:8]
+    name = f"ckpt-{info['global_step']:07d}-{token}"
+    staging = run_dir / f".tmp-{name}"
+    staging.mkdir(parents=True)
+    try:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in weights.items()},
+            staging / "model.safetensors",
+        )
+        (staging / "config.json").write_text(json.dumps(info, indent=2))
+        torch.save(state, staging / "state.pt")
+        for file in staging.iterdir():
+            _fsync(file)
+        _fsync(staging)
+        os.rename(staging, run_dir / name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for link in links:
+        temporary = run_dir / f".tmp-{link}-{token}"
+        os.symlink(name, temporary)  # relative: the run directory can be moved
+        os.replace(temporary, run_dir / link)
+    _fsync(run_dir)
+    _remove_unreferenced(run_dir)
+    return run_dir / name
+
+
+def _remove_unreferenced(run_dir: Path) -> None:
+    kept = {os.readlink(run_dir / link) for link in LINKS if (run_dir / link).is_symlink()}
+    for entry in run_dir.glob("ckpt-*"):
+        if entry.name not in kept:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read `RUN_DIR/best`, `RUN_DIR/last` or a checkpoint directory; a run directory means
+    its `best`."""
+    path = Path(path)
+    if not (path / "model.safetensors").exists() and (path / "best").exists():
+        path = path / "best"
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {path}: expected a directory with config.json and "
+            "model.safetensors, e.g. RUN_DIR/best or RUN_DIR/last of a `circe train` run"
+        )
+    info = json.loads((path / "config.json").read_text())
+    if info.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path} is a checkpoint of another format ({info.get('format')})")
+    return Checkpoint(path.resolve(), info, load_file(str(path / "model.safetensors")))
+
+
+def load_trained_method(path: str | Path, device: str | torch.device = "cpu"):
+    """The trained method of a checkpoint, in eval mode, on its own backbone."""
+    from circe.backbones import load_backbone
+    from circe.methods import create_method
+
+    checkpoint = load_checkpoint(path)
+    info = checkpoint.info
+    config = info["train_config"]
+    backbone = load_backbone(config["backbone"], config["backbone_weights"], device=device)
+    saved = info["backbone"]["weights_sha256"]
+    if backbone.identity.weights_sha256 != saved:
+        raise ValueError(
+            f"{checkpoint.path} was trained on backbone weights with sha256 {saved[:12]}, but "
+            f"{config['backbone']} now loads {backbone.identity.weights_sha256[:12]}: pass the "
+            "backbone weights it was trained with"
+        )
+    method = create_method(info["method"], backbone, **info["method_config"])
+    method_weights = {
+        k.removeprefix("method."): v
+        for k, v in checkpoint.weights.items()
+        if k.startswith("method.")
+    }
+    missing, unexpected = method.load_state_dict(method_weights, strict=False)
+    # A frozen backbone is not in the file: it is the backbone loaded (and checked) above.
+    missing = [k for k in missing if not (method.frozen_backbone and k.startswith("backbone."))]
+    if missing or unexpected:
+        raise ValueError(
+            f"{checkpoint.path} does not fit method {info['method']!r}: missing {missing}, "
+            f"unexpected {unexpected}"
+        )
+    return method.to(device).eval()

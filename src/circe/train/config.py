@@ -1,0 +1,126 @@
+"""The training configuration: one dataclass, loadable from YAML, overridable field by field."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Fields that may differ when a run is resumed: they change how the run is executed, not what
+# it computes (anything else would make the resumed run a different run).
+RESUMABLE_OVERRIDES = frozenset({"max_steps", "workers", "threads", "cache_dir", "eval_batch_size"})
+
+
+@dataclass
+class TrainConfig:
+    """How to train one method on one data set.
+
+    Model selection: after every `eval_every` epochs the method is evaluated on `eval_split`
+    with `circe.eval.evaluate.evaluate`; the selection score is the mean of R@1, R@10 and
+    R@50 (R@1 alone is too noisy on a few hundred validation queries). `best` is the
+    checkpoint with the highest score; training stops after `patience` evaluations without
+    improvement.
+    """
+
+    method: str = "combiner"
+    method_config: dict[str, Any] = field(default_factory=dict)  # create_method(**this)
+    dataset: str = "synthetic"
+    root: str = "data/synthetic"
+    backbone: str = "default"
+    backbone_weights: str | None = None
+    seed: int = 0
+
+    epochs: int = 40
+    # Global batch: queries per optimizer step, over all processes and accumulation steps.
+    # The contrastive negatives of a query are the other queries' targets of its micro-batch
+    # (batch_size / grad_accum_steps, gathered over processes).
+    batch_size: int = 128
+    grad_accum_steps: int = 1
+    lr: float = 5e-4  # fusion (non-backbone) parameters
+    backbone_lr: float = 1e-5  # backbone parameters, for methods that train the backbone
+    weight_decay: float = 0.05  # matrices only; biases, norms and the temperature get none
+    warmup_steps: int = 50  # linear warm-up, then cosine decay to 0 at the last step
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    temperature: float = 0.05  # initial softmax temperature of the contrastive loss
+    learn_temperature: bool = True
+    mixed_precision: str = "auto"  # auto (bf16/fp16 on GPU, off on CPU) | no | fp16 | bf16
+    device: str = "auto"  # auto (a GPU when there is one, else CPU) | cpu
+
+    feature_cache: bool = True  # reuse frozen-backbone features across epochs and runs
+    cache_dir: str = ".cache/circe/features"
+
+    eval_split: str = "val"
+    eval_every: int = 1  # epochs between validations; 0: never (then `best` = `last`)
+    patience: int | None = 8  # validations without improvement before stopping; None: never
+    test_splits: list[str] = field(default_factory=lambda: ["test", "test_unseen"])
+    eval_batch_size: int = 256
+
+    # Stop (and save `last`) after this many optimizer steps; not kept by `resume`.
+    max_steps: int | None = None
+    workers: int = 0  # image decoding worker processes
+    # Torch CPU threads (0: torch's default). On a busy machine, 1 avoids thread
+    # oversubscription, which slows the small matrix products of a fusion module tenfold.
+    threads: int = 0
+    log_every: int = 10  # optimizer steps between metrics.jsonl step records
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        positive = ("epochs", "batch_size", "grad_accum_steps", "log_every", "eval_batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of grad_accum_steps "
+                f"{self.grad_accum_steps}"
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            raise ValueError(
+                f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}"
+            )
+        if self.device not in ("auto", "cpu"):
+            raise ValueError(f"device must be auto or cpu, got {self.device!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def replace(self, **overrides: Any) -> TrainConfig:
+        """A copy with some fields changed; unknown names are an error that lists the known."""
+        _check_names(overrides, "override")
+        return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        _check_names(values, "config key")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"training config not found: {path}")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise TypeError(f"{path} must hold a mapping of config fields, got {values!r}")
+        try:
+            return cls.from_dict(values)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {error}") from None
+
+
+def _check_names(values: dict[str, Any], what: str) -> None:
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown training {what}(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )

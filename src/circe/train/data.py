@@ -1,0 +1,178 @@
+"""Training data: data sets by name, training triplets, and a resumable batch order.
+
+A data set plugs in with one loader `(root, split) -> CIRSplit` in `DATASETS`; everything
+else (pairs, order, pixels or cached features) works on `CIRSplit`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from circe.data.synthetic import load_synthetic
+from circe.data.types import CIRSplit
+from circe.methods.base import Batch
+
+DATASETS: dict[str, Callable[[Path, str], CIRSplit]] = {"synthetic": load_synthetic}
+
+
+def load_split(dataset: str, root: str | Path, split: str) -> CIRSplit:
+    try:
+        loader = DATASETS[dataset]
+    except KeyError:
+        raise ValueError(
+            f"unknown dataset {dataset!r}; available: {', '.join(sorted(DATASETS))}"
+        ) from None
+    return loader(Path(root), split)
+
+
+@dataclass
+class Pairs:
+    """A split's training triplets as rows into its unique images and texts.
+
+    Pair p is (image `images[reference[p]]`, text `texts[text[p]]`, image `images[target[p]]`);
+    a query with several targets trains on its first.
+    """
+
+    split: CIRSplit
+    images: list[str]  # unique image ids
+    texts: list[str]  # unique modification texts
+    reference: torch.Tensor  # [P] int64
+    text: torch.Tensor  # [P] int64
+    target: torch.Tensor  # [P] int64
+
+    @classmethod
+    def from_split(cls, split: CIRSplit) -> Pairs:
+        usable = [q for q in split.queries if q.target_ids]
+        if not usable:
+            raise ValueError(f"split {split.name!r} has no queries with targets to train on")
+        image_row: dict[str, int] = {}
+        text_row: dict[str, int] = {}
+        rows = [
+            (
+                image_row.setdefault(q.reference_id, len(image_row)),
+                text_row.setdefault(q.text, len(text_row)),
+                image_row.setdefault(q.target_ids[0], len(image_row)),
+            )
+            for q in usable
+        ]
+        reference, text, target = torch.tensor(rows, dtype=torch.int64).T
+        return cls(split, list(image_row), list(text_row), reference, text, target)
+
+    def __len__(self) -> int:
+        return len(self.reference)
+
+
+@dataclass
+class FeatureBatch:
+    """Cached frozen-backbone features of a batch of triplets."""
+
+    reference_features: torch.Tensor  # [b, D]
+    text_features: torch.Tensor  # [b, D]
+    target_features: torch.Tensor  # [b, D]
+
+
+def to_device(batch: Batch | FeatureBatch, device: torch.device) -> Batch | FeatureBatch:
+    if isinstance(batch, FeatureBatch):
+        return FeatureBatch(*(t.to(device) for t in vars(batch).values()))
+    return Batch(batch.reference_pixels.to(device), batch.texts, batch.target_pixels.to(device))
+
+
+class FeaturePairs:
+    """Batches of triplets from cached features: an index, no image decoding."""
+
+    def __init__(self, pairs: Pairs, image_features: torch.Tensor, text_features: torch.Tensor):
+        self.pairs = pairs
+        self.image_features = image_features  # [I, D], row i for pairs.images[i]
+        self.text_features = text_features  # [T, D], row t for pairs.texts[t]
+
+    def batches(self, index_lists: list[list[int]], workers: int = 0) -> Iterator[FeatureBatch]:
+        for indices in index_lists:
+            rows = torch.tensor(indices)
+            yield FeatureBatch(
+                self.image_features[self.pairs.reference[rows]],
+                self.text_features[self.pairs.text[rows]],
+                self.image_features[self.pairs.target[rows]],
+            )
+
+
+class _PixelTriplets(Dataset):
+    def __init__(self, pairs: Pairs, preprocess: Callable[[Image.Image], torch.Tensor]):
+        self.pairs, self.preprocess = pairs, preprocess
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, p: int) -> tuple[torch.Tensor, str, torch.Tensor]:
+        pairs, gallery = self.pairs, self.pairs.split.gallery
+        reference = self.preprocess(gallery.open(pairs.images[pairs.reference[p]]))  # [3, H, W]
+        target = self.preprocess(gallery.open(pairs.images[pairs.target[p]]))
+        return reference, pairs.texts[pairs.text[p]], target
+
+
+def _collate(items: list[tuple[torch.Tensor, str, torch.Tensor]]) -> Batch:
+    references, texts, targets = zip(*items, strict=True)
+    return Batch(torch.stack(references), list(texts), torch.stack(targets))
+
+
+class PixelPairs:
+    """Batches of triplets decoded from the image files (backbones that are trained)."""
+
+    def __init__(self, pairs: Pairs, preprocess: Callable[[Image.Image], torch.Tensor]):
+        self.dataset = _PixelTriplets(pairs, preprocess)
+
+    def batches(self, index_lists: list[list[int]], workers: int = 0) -> Iterator[Batch]:
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=index_lists,
+            num_workers=workers,
+            collate_fn=_collate,
+            # Its own generator: the loader's worker seed must not draw from the global RNG
+            # (the dropout stream), or a resumed run would see other masks.
+            generator=torch.Generator().manual_seed(0),
+        )
+        yield from loader
+
+
+def epoch_plan(
+    num_pairs: int,
+    seed: int,
+    epoch: int,
+    batch_size: int,
+    accum_steps: int,
+    world_size: int = 1,
+    rank: int = 0,
+) -> list[list[list[int]]]:
+    """This process's pair indices: plan[step][micro_step] -> a list of pair indices.
+
+    The order is a pure function of (seed, epoch), so a resumed run skips the steps it has
+    done and sees exactly the batches an uninterrupted run would. A global batch of
+    `batch_size` pairs is split into `accum_steps` micro-batches, and each micro-batch into
+    `world_size` equal shards, one per process: the union over processes is the same for any
+    number of processes. The last incomplete global batch is dropped (contrastive batches
+    need a fixed size, and the shards must be equal for gathering).
+    """
+    micro = batch_size // accum_steps
+    if micro % world_size:
+        raise ValueError(
+            f"a micro-batch of {micro} (batch_size / grad_accum_steps) does not split evenly "
+            f"over {world_size} processes"
+        )
+    steps = num_pairs // batch_size
+    if steps == 0:
+        raise ValueError(f"batch_size {batch_size} is larger than the {num_pairs} training pairs")
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_pairs, generator=generator).tolist()
+    shard = micro // world_size
+    return [
+        [
+            order[start + rank * shard : start + (rank + 1) * shard]
+            for start in range(step * batch_size, (step + 1) * batch_size, micro)
+        ]
+        for step in range(steps)
+    ]

@@ -1,0 +1,507 @@
+"""One trainer for every trainable method: contrastive batches, checkpoints, exact resume.
+
+Devices and processes come from Hugging Face accelerate, so the same code runs on a CPU, a
+GPU, or under `accelerate launch` / `torchrun` (DDP; gloo on CPUs). A frozen-backbone method
+trains from cached features (`circe.train.cache`); others decode pixels every step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from circe.backbones import load_backbone
+from circe.eval.evaluate import evaluate
+from circe.methods import CIRMethod, FrozenBackboneMethod, create_method, list_methods, method_class
+from circe.progress import track
+from circe.train.cache import (
+    FeatureCache,
+    compute_image_features,
+    compute_text_features,
+    image_items,
+)
+from circe.train.checkpoint import load_checkpoint, save_checkpoint
+from circe.train.config import RESUMABLE_OVERRIDES, TrainConfig
+from circe.train.data import FeaturePairs, Pairs, PixelPairs, epoch_plan, load_split, to_device
+from circe.train.losses import ContrastiveObjective
+from circe.train.runlog import RunLog
+
+SELECTION_KS = (1, 10, 50)
+SELECTION_METRIC = "mean of R@1, R@10, R@50 on the validation split"
+
+
+def selection_score(metrics: dict[str, float]) -> float:
+    return sum(metrics[f"R@{k}"] for k in SELECTION_KS) / len(SELECTION_KS)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    finished: bool  # False when the run stopped at `max_steps` (resume it to go on)
+    results: dict[str, Any] | None  # results.json, when finished
+
+
+@dataclass
+class _Position:
+    """Where a run is, and its early-stopping state: all of it goes into a checkpoint."""
+
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimizer steps of `epoch` already done
+    epoch_loss_sum: float = 0.0
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    bad_evals: int = 0
+    train_seconds: float = 0.0
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _mixed_precision(config: TrainConfig) -> str:
+    if config.mixed_precision != "auto":
+        return config.mixed_precision
+    if config.device == "cpu" or not torch.cuda.is_available():
+        return "no"  # CPU autocast is slower than float32 for these small models
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at step `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _param_groups(objective: ContrastiveObjective, config: TrainConfig) -> list[dict]:
+    """Backbone and fusion parameters at their own learning rates; weight decay on matrices."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, parameter in objective.named_parameters():
+        if parameter.requires_grad:
+            key = (name.startswith("method.backbone."), parameter.ndim >= 2)
+            groups.setdefault(key, []).append(parameter)
+    return [
+        {
+            "params": params,
+            "lr": config.backbone_lr if is_backbone else config.lr,
+            "weight_decay": config.weight_decay if decays else 0.0,
+        }
+        for (is_backbone, decays), params in sorted(groups.items())
+    ]
+
+
+def _count(parameters) -> int:
+    return sum(p.numel() for p in parameters)
+
+
+class Trainer:
+    """Builds everything a run needs from its config; `fit` trains, validates, checkpoints
+    and finally tests the best checkpoint."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path, progress: bool = True):
+        self.started = time.time()
+        self.config, self.run_dir = config, Path(run_dir)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        # accelerate runs several CPU processes (gloo DDP, e.g. under torchrun) only when told
+        # it is on CPUs; "auto" without CUDA means exactly that.
+        cpu = config.device == "cpu" or not torch.cuda.is_available()
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=_mixed_precision(config))
+        self.is_main = self.accelerator.is_main_process
+        self.show_progress = progress and self.is_main
+
+        if not method_class(config.method).trainable:  # before loading anything
+            trainable = [n for n in list_methods() if method_class(n).trainable]
+            raise ValueError(
+                f"method {config.method!r} is zero-shot and has nothing to train: evaluate it "
+                f"with `circe eval --method {config.method}`; trainable methods: "
+                f"{', '.join(trainable)}"
+            )
+        set_seed(config.seed)  # the same initial weights in every process
+        backbone = load_backbone(config.backbone, config.backbone_weights, self.accelerator.device)
+        method: CIRMethod = create_method(config.method, backbone, **config.method_config)
+        self.method = method
+        self.objective = ContrastiveObjective(method, config.temperature, config.learn_temperature)
+        self.objective.to(self.accelerator.device)
+
+        self.train_split = load_split(config.dataset, config.root, "train")
+        self.pairs = Pairs.from_split(self.train_split)
+        self.eval_split = (
+            load_split(config.dataset, config.root, config.eval_split)
+            if config.eval_every
+            else None
+        )
+        self.cache_report: dict[str, Any] = {"used": False}
+        self.source = self._source()
+
+        self.steps_per_epoch = len(self.pairs) // config.batch_size
+        self.total_steps = config.epochs * self.steps_per_epoch
+        optimizer = torch.optim.AdamW(_param_groups(self.objective, config))
+        warmup = min(config.warmup_steps, self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: _lr_factor(step, warmup, self.total_steps)
+        )
+        # The scheduler is stepped by hand once per optimizer step (accelerate's prepared
+        # scheduler steps once per process, which would change the schedule with the
+        # number of processes).
+        self.model, self.optimizer = self.accelerator.prepare(self.objective, optimizer)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log = RunLog(self.run_dir, enabled=self.is_main)
+        # The training RNG streams (dropout, ...) start here, whatever ran before (a cache miss
+        # draws DataLoader seeds, a hit does not); one stream per process.
+        set_seed(config.seed, device_specific=True)
+
+    # -- data ------------------------------------------------------------------------------
+
+    def _source(self) -> FeaturePairs | PixelPairs:
+        method = self.method
+        if not (self.config.feature_cache and isinstance(method, FrozenBackboneMethod)):
+            return PixelPairs(self.pairs, method.backbone.preprocess)
+        started = time.time()
+        cache = FeatureCache(self.config.cache_dir)
+        progress = track if self.show_progress else _no_progress
+        gallery, batch = self.train_split.gallery, self.config.eval_batch_size
+
+        def images() -> torch.Tensor:
+            ids = self.pairs.images
+            return compute_image_features(
+                method, gallery, ids, batch, self.config.workers, progress
+            )
+
+        def texts() -> torch.Tensor:
+            return compute_text_features(method, self.pairs.texts, batch, progress)
+
+        features, hits = [], 0
+        for what, items, compute in (
+            ("image:pooled", image_items(gallery, self.pairs.images), images),
+            ("text:pooled", self.pairs.texts, texts),
+        ):
+            key, fields = cache.key(method.backbone, what, items)
+            # The main process computes and stores a missing entry; the others wait, then read.
+            found = cache.load(key) if self.is_main else None
+            hits += found is not None
+            if self.is_main and found is None:
+                found = compute()
+                cache.store(key, fields, found)
+            self.accelerator.wait_for_everyone()
+            features.append(found if found is not None else cache.load(key))
+        self.cache_report = {
+            "used": True,
+            "dir": str(cache.root),
+            "hits": hits,  # entries found (of 2: images, texts)
+            "seconds": round(time.time() - started, 3),
+        }
+        return FeaturePairs(self.pairs, *features)
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def _trained_weights(self) -> dict[str, torch.Tensor]:
+        """The objective's state without a frozen backbone (it is identified, not stored)."""
+        state = self.accelerator.unwrap_model(self.model).state_dict()
+        if self.method.frozen_backbone:
+            state = {k: v for k, v in state.items() if not k.startswith("method.backbone.")}
+        return state
+
+    def _save(self, position: _Position, links: tuple[str, ...], val: dict | None) -> None:
+        rng = gather_object([_rng_state()])  # one per process, in rank order
+        if not self.is_main:
+            self.accelerator.wait_for_everyone()
+            return
+        scaler = self.accelerator.scaler
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng,
+            "world_size": self.accelerator.num_processes,
+            "position": asdict(position),
+        }
+        info = {
+            "format": 1,
+            "method": self.config.method,
+            "method_config": self.method.config_dict(),
+            "train_config": self.config.to_dict(),
+            "backbone": asdict(self.method.backbone.identity),
+            "global_step": position.global_step,
+            "epoch": position.epoch,
+            "step_in_epoch": position.step_in_epoch,
+            "val": val,
+        }
+        save_checkpoint(self.run_dir, links, self._trained_weights(), info, state)
+        self.accelerator.wait_for_everyone()
+
+    def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if not k.startswith("method.backbone.")]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not fit: missing {missing}, unexpected {unexpected}")
+
+    def restore(self, checkpoint_dir: Path) -> _Position:
+        checkpoint = load_checkpoint(checkpoint_dir)
+        self._load_weights(checkpoint.weights)
+        state = checkpoint.training_state()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"] is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        rank = self.accelerator.process_index
+        if state["world_size"] == self.accelerator.num_processes:
+            _set_rng_state(state["rng"][rank])
+        else:  # another process count: the data order is the same, the dropout masks are not
+            set_seed(self.config.seed + checkpoint.info["global_step"], device_specific=True)
+        return _Position(**state["position"])
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _validate(self, position: _Position) -> tuple[dict | None, bool]:
+        """(val metrics, improved) on the main process; the decision is shared by all."""
+        decision: list[Any] = [None, False]
+        if self.is_main:
+            result = evaluate(
+                self.method,
+                self.eval_split,
+                ks=SELECTION_KS,
+                batch_size=self.config.eval_batch_size,
+                workers=self.config.workers,
+            )
+            score = selection_score(result.metrics)
+            decision = [{**result.metrics, "score": score}, score > position.best_score]
+        decision = broadcast_object_list(decision)
+        self.model.train()
+        return decision[0], decision[1]
+
+    def fit(self, position: _Position | None = None) -> TrainResult:
+        """Train from `position` (a restored one) or from the start."""
+        config, accelerator = self.config, self.accelerator
+        position = position or _Position()
+        columns = (
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+        )
+        self.model.train()
+        with Progress(*columns, disable=not self.show_progress) as bar:
+            for epoch in range(position.epoch, config.epochs):
+                started = time.time()
+                plan = epoch_plan(
+                    len(self.pairs),
+                    config.seed,
+                    epoch,
+                    config.batch_size,
+                    config.grad_accum_steps,
+                    accelerator.num_processes,
+                    accelerator.process_index,
+                )
+                task = bar.add_task(f"epoch {epoch + 1}/{config.epochs}", total=len(plan), loss="-")
+                bar.advance(task, position.step_in_epoch)
+                micro_batches = [m for step in plan[position.step_in_epoch :] for m in step]
+                batches = self.source.batches(micro_batches, config.workers)
+                for _ in range(position.step_in_epoch, len(plan)):
+                    loss, grad_norm, lr = self._step(batches)
+                    position.global_step += 1
+                    position.step_in_epoch += 1
+                    position.epoch_loss_sum += loss
+                    bar.update(task, advance=1, loss=f"{loss:.4f}")
+                    if position.global_step % config.log_every == 0:
+                        self.log.write(
+                            "step",
+                            position.global_step,
+                            {
+                                "epoch": epoch,
+                                "loss": loss,
+                                "grad_norm": grad_norm,
+                                "lr": lr,
+                                "temperature": self.objective.temperature.item(),
+                            },
+                        )
+                    if config.max_steps is not None and position.global_step >= config.max_steps:
+                        position.train_seconds += time.time() - started
+                        self._save(position, ("last",), None)
+                        return TrainResult(self.run_dir, finished=False, results=None)
+                position.train_seconds += time.time() - started
+                if self._end_epoch(position, epoch, len(plan)):
+                    break
+        return TrainResult(self.run_dir, finished=True, results=self._finish(position))
+
+    def _step(self, batches) -> tuple[float, float, float]:
+        """One optimizer step over `grad_accum_steps` micro-batches -> (loss, grad norm, lr)."""
+        config, accelerator = self.config, self.accelerator
+        total = 0.0
+        for micro in range(config.grad_accum_steps):
+            batch = to_device(next(batches), accelerator.device)
+            # Gradients are all-reduced once, on the last micro-batch.
+            last = micro == config.grad_accum_steps - 1
+            with nullcontext() if last else accelerator.no_sync(self.model):
+                with accelerator.autocast():
+                    loss = self.model(batch) / config.grad_accum_steps
+                accelerator.backward(loss)
+            total += loss.item()
+        grad_norm = math.nan
+        if config.max_grad_norm is not None:
+            norm = accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+            grad_norm = float(norm)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        self.optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step, no schedule
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, grad_norm, lr
+
+    def _end_epoch(self, position: _Position, epoch: int, steps: int) -> bool:
+        """Validate, checkpoint, log; True when early stopping ends the run."""
+        config = self.config
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": position.epoch_loss_sum / max(1, steps),
+            "train_seconds": position.train_seconds,
+        }
+        val, links = None, ("last",)
+        if config.eval_every and (epoch + 1) % config.eval_every == 0:
+            val, improved = self._validate(position)
+            record["val"] = val
+            if improved:
+                position.best_score, position.best_epoch, position.bad_evals = (
+                    val["score"],
+                    epoch,
+                    0,
+                )
+                links = ("last", "best")
+            else:
+                position.bad_evals += 1
+        elif not config.eval_every:
+            links, position.best_epoch = ("last", "best"), epoch  # no validation: best = last
+        position.epoch, position.step_in_epoch, position.epoch_loss_sum = epoch + 1, 0, 0.0
+        record["best_epoch"] = position.best_epoch
+        self.log.write("epoch", position.global_step, record)
+        self._save(position, links, val)
+        return config.patience is not None and position.bad_evals >= config.patience
+
+    def _finish(self, position: _Position) -> dict[str, Any] | None:
+        """Test the best checkpoint; write results.json (main process)."""
+        self.log.close()
+        if not self.is_main:
+            return None
+        if (self.run_dir / "best").exists():
+            self._load_weights(load_checkpoint(self.run_dir / "best").weights)
+        tests, per_kind = {}, {}
+        for split in self.config.test_splits:
+            data = load_split(self.config.dataset, self.config.root, split)
+            result = evaluate(
+                self.method,
+                data,
+                ks=(1, 5, 10, 50),
+                batch_size=self.config.eval_batch_size,
+                workers=self.config.workers,
+            )
+            tests[split], per_kind[split] = result.metrics, result.per_tag
+        backbone = _count(self.method.backbone.parameters())
+        trainable = _count(p for p in self.objective.parameters() if p.requires_grad)
+        results = {
+            "method": self.config.method,
+            "dataset": self.config.dataset,
+            "config": self.config.to_dict(),
+            "selection_metric": SELECTION_METRIC,
+            "best_epoch": position.best_epoch,
+            "best_val_score": None if position.best_score == -math.inf else position.best_score,
+            "epochs_run": position.epoch,
+            "global_step": position.global_step,
+            "train_seconds": round(position.train_seconds, 3),  # optimizer steps only
+            # This invocation end to end: loading, feature cache, validation and testing.
+            "wall_seconds": round(time.time() - self.started, 3),
+            "feature_cache": self.cache_report,
+            "parameters": {
+                "trainable": trainable,
+                "backbone": backbone,
+                "total": _count(self.objective.parameters()),
+            },
+            "test": tests,
+            "test_per_kind": per_kind,
+        }
+        (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        return results
+
+
+def _no_progress(items, total, description):
+    return items
+
+
+def train(config: TrainConfig, run_dir: str | Path, progress: bool = True) -> TrainResult:
+    """Start a new run in `run_dir` (which must not hold one already)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "config.json").exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a training run; continue it with --resume {run_dir} "
+            "or choose another --out"
+        )
+    trainer = Trainer(config, run_dir, progress)
+    if trainer.is_main:
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    trainer.accelerator.wait_for_everyone()
+    return trainer.fit()
+
+
+def resume(
+    run_dir: str | Path, overrides: dict[str, Any] | None = None, progress: bool = True
+) -> TrainResult:
+    """Continue the run in `run_dir` from its `last` checkpoint, exactly where it stopped.
+
+    `overrides` may only change how the run executes (`RESUMABLE_OVERRIDES`), and `method`
+    if given must be the run's own.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no training run to resume at {run_dir} (no config.json)")
+    if not (run_dir / "last").exists():
+        raise FileNotFoundError(
+            f"{run_dir} has no checkpoint yet (no `last`): it stopped before its first; "
+            "start a new run instead"
+        )
+    saved = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    # max_steps is where one invocation stops: a resumed run goes on unless it is given again.
+    overrides = {"max_steps": None, **(overrides or {})}
+    if "method" in overrides and overrides["method"] != saved.method:
+        raise ValueError(
+            f"{run_dir} is a run of method {saved.method!r}, not {overrides['method']!r}"
+        )
+    changed = {
+        k for k, v in overrides.items() if k not in RESUMABLE_OVERRIDES and getattr(saved, k) != v
+    }
+    if changed:
+        raise ValueError(
+            f"cannot change {', '.join(sorted(changed))} when resuming {run_dir}; only "
+            f"{', '.join(sorted(RESUMABLE_OVERRIDES))} may differ"
+        )
+    config = saved.replace(**{k: v for k, v in overrides.items() if k in RESUMABLE_OVERRIDES})
+    trainer = Trainer(config, run_dir, progress)
+    return trainer.fit(trainer.restore(run_dir / "last"))

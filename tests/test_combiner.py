@@ -1,0 +1,79 @@
+"""The Combiner (CLIP4Cir): its equations, its frozen backbone, its one code path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from circe.methods import create_method, method_class
+
+
+@pytest.fixture
+def combiner(tiny_backbone):
+    torch.manual_seed(0)
+    return create_method("combiner", tiny_backbone)
+
+
+def test_registered_as_a_trainable_frozen_backbone_method():
+    cls = method_class("combiner")
+    assert cls.trainable and cls.frozen_backbone
+
+
+def test_only_the_fusion_is_trainable_and_the_backbone_stays_in_eval(combiner):
+    d = combiner.backbone.embed_dim
+    trainable = [p for p in combiner.parameters() if p.requires_grad]
+    # W_t, W_v: d -> 4d; W_c: 8d -> 8d; MLP for λ: 8d -> 8d -> 1; W_o: 8d -> d (with biases).
+    expected = 2 * (d * 4 * d + 4 * d) + 2 * (64 * d * d + 8 * d) + (8 * d + 1) + (8 * d * d + d)
+    assert sum(p.numel() for p in trainable) == expected
+    assert not any(p.requires_grad for p in combiner.backbone.parameters())
+    combiner.train()
+    assert combiner.training and not combiner.backbone.training
+
+
+def test_config_sets_the_widths_and_rejects_unknown_keys(tiny_backbone):
+    narrow = create_method("combiner", tiny_backbone, expansion=2, dropout=0.0)
+    assert narrow.text_projection[0].out_features == 2 * tiny_backbone.embed_dim
+    assert narrow.config_dict() == {"expansion": 2, "dropout": 0.0}
+    with pytest.raises(TypeError, match="hidden"):
+        create_method("combiner", tiny_backbone, hidden=3)
+
+
+def test_query_is_the_papers_equation(combiner):
+    """q = normalize(W_o h + λ t + (1 - λ) v), λ = σ(MLP([t' ‖ v'])), in eval mode."""
+    combiner.eval()
+    v, t = torch.randn(4, combiner.backbone.embed_dim), torch.randn(4, combiner.backbone.embed_dim)
+    with torch.no_grad():
+        c = torch.cat([combiner.text_projection(t), combiner.image_projection(v)], dim=-1)
+        lam = combiner.dynamic_scalar(c)
+        expected = F.normalize(
+            combiner.output_layer(combiner.combiner_layer(c)) + lam * t + (1 - lam) * v, dim=-1
+        )
+        torch.testing.assert_close(combiner.encode_queries_from_features(v, t), expected)
+    assert ((lam > 0) & (lam < 1)).all()
+
+
+def test_pixels_and_features_take_the_same_path(combiner):
+    combiner.eval()
+    size = combiner.backbone.identity.image_size
+    pixels, texts = torch.randn(3, 3, size, size), ["add a red circle", "remove it", "move it"]
+    with torch.no_grad():
+        image_features = combiner.backbone.encode_image(pixels)
+        text_features = combiner.encode_texts(texts)
+        torch.testing.assert_close(
+            combiner.encode_queries(pixels, texts),
+            combiner.encode_queries_from_features(image_features, text_features),
+        )
+        torch.testing.assert_close(
+            combiner.encode_targets(pixels), F.normalize(image_features, dim=-1)
+        )
+
+
+def test_gradients_reach_every_fusion_parameter_and_not_the_backbone(combiner):
+    combiner.train()
+    d = combiner.backbone.embed_dim
+    queries = combiner.encode_queries_from_features(torch.randn(8, d), torch.randn(8, d))
+    queries.sum().backward()
+    for name, parameter in combiner.named_parameters():
+        if name.startswith("backbone."):
+            assert parameter.grad is None, name
+        else:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name

@@ -1,0 +1,292 @@
+"""The trainer on a tiny synthetic benchmark with the tiny test backbone."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from circe.data.synthetic import SynthConfig, write_synthetic
+from circe.train import checkpoint as checkpoint_module
+from circe.train.checkpoint import load_checkpoint, load_trained_method, save_checkpoint
+from circe.train.config import TrainConfig
+from circe.train.data import epoch_plan
+from circe.train.runlog import read_log
+from circe.train.trainer import resume, train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is faster, and steadier when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-bench") / "synthetic"
+    return write_synthetic(root, SynthConfig(train=96, val=24, test=24, test_unseen=8))
+
+
+@pytest.fixture
+def config(bench, tiny_weights, tmp_path):
+    arch, weights = tiny_weights
+    return TrainConfig(
+        backbone=f"open_clip:{arch}",
+        backbone_weights=str(weights),
+        root=str(bench),
+        cache_dir=str(tmp_path / "cache"),
+        epochs=3,
+        batch_size=16,
+        lr=2e-3,
+        warmup_steps=2,
+        log_every=1,
+        eval_batch_size=64,
+    )
+
+
+def final_weights(run_dir):
+    return load_file(str(run_dir / "last" / "model.safetensors"))
+
+
+def test_loss_falls_and_the_run_is_recorded(config, tmp_path):
+    config = config.replace(epochs=8, lr=1e-2, method_config={"dropout": 0.1})
+    result = train(config, tmp_path / "run", progress=False)
+    assert result.finished
+    epochs = read_log(tmp_path / "run", "epoch")
+    assert len(epochs) == 8 and all("val" in e for e in epochs)
+    assert epochs[-1]["train_loss"] < 0.9 * epochs[0]["train_loss"]  # 2.73 -> 2.32 here
+    steps = read_log(tmp_path / "run", "step")
+    assert len(steps) == 8 * (96 // 16) and steps[0]["lr"] < steps[1]["lr"]  # warm-up
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(results["test"]) == {"test", "test_unseen"}
+    assert set(results["test"]["test"]) == {"R@1", "R@5", "R@10", "R@50"}
+    assert results["parameters"]["trainable"] > 0 and results["train_seconds"] > 0
+    best = load_checkpoint(tmp_path / "run")  # a run directory means its best
+    assert best.info["epoch"] - 1 == results["best_epoch"]
+
+
+@pytest.mark.parametrize("feature_cache", [True, False], ids=["cached", "pixels"])
+def test_resume_continues_exactly(config, tmp_path, feature_cache):
+    # Dropout on and validation each epoch: the resumed run must replay the same masks.
+    config = config.replace(feature_cache=feature_cache)
+    whole = train(config, tmp_path / "whole", progress=False)
+    stopped = train(config.replace(max_steps=8), tmp_path / "parts", progress=False)
+    assert whole.finished and not stopped.finished  # 6 steps an epoch: stopped mid-epoch 2
+    assert load_checkpoint(tmp_path / "parts" / "last").info["step_in_epoch"] == 2
+    resumed = resume(tmp_path / "parts", progress=False)
+    assert resumed.finished
+    expected, got = final_weights(tmp_path / "whole"), final_weights(tmp_path / "parts")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    losses = [r["loss"] for r in read_log(tmp_path / "whole", "step")]
+    assert [r["loss"] for r in read_log(tmp_path / "parts", "step")] == losses
+    assert resumed.results["test"] == whole.results["test"]
+
+
+def test_feature_cache_is_computed_once_and_reused(config, tmp_path, monkeypatch):
+    from circe.backbones.openclip import OpenClipBackbone
+
+    calls = {"encode_image": 0, "encode_text": 0}
+    for tower in calls:
+        original = getattr(OpenClipBackbone, tower)
+
+        def counted(self, *args, _tower=tower, _original=original, **kwargs):
+            calls[_tower] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(OpenClipBackbone, tower, counted)
+    config = config.replace(epochs=2, eval_every=0, test_splits=[])  # no evaluation passes
+    first = train(config, tmp_path / "a", progress=False)
+    # One pass over the train split's images and texts (batches of 64), none per epoch.
+    images, texts = first_split_sizes(config)
+    assert calls == {"encode_image": -(-images // 64), "encode_text": -(-texts // 64)}
+    assert first.results["feature_cache"]["hits"] == 0
+    second = train(config, tmp_path / "b", progress=False)
+    assert calls == {"encode_image": -(-images // 64), "encode_text": -(-texts // 64)}
+    assert second.results["feature_cache"]["hits"] == 2  # the backbone never ran
+    entries = list((tmp_path / "cache").iterdir())
+    assert len(entries) == 2 and not any(p.name.startswith(".tmp") for p in entries)
+
+
+def first_split_sizes(config):
+    from circe.train.data import Pairs, load_split
+
+    pairs = Pairs.from_split(load_split("synthetic", config.root, "train"))
+    return len(pairs.images), len(pairs.texts)
+
+
+def test_cached_and_pixel_training_agree(config, tmp_path):
+    config = config.replace(epochs=1, max_steps=2, eval_every=0, method_config={"dropout": 0.0})
+    train(config, tmp_path / "cached", progress=False)
+    train(config.replace(feature_cache=False), tmp_path / "pixels", progress=False)
+    cached = [r["loss"] for r in read_log(tmp_path / "cached", "step")]
+    pixels = [r["loss"] for r in read_log(tmp_path / "pixels", "step")]
+    assert cached == pytest.approx(pixels, abs=1e-4)
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    info = {"format": 1, "global_step": 1}
+    save_checkpoint(run, ("last", "best"), {"w": torch.ones(3)}, info, {"step": 1})
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(run, ("last",), {"w": torch.zeros(3)}, {**info, "global_step": 2}, {})
+    last = load_checkpoint(run / "last")
+    assert torch.equal(last.weights["w"], torch.ones(3)) and last.info["global_step"] == 1
+    assert last.training_state() == {"step": 1}
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".tmp")) == []
+    assert len(list(run.glob("ckpt-*"))) == 1
+
+
+def test_trained_method_loads_for_evaluation(config, tmp_path):
+    config = config.replace(epochs=1, eval_every=0, test_splits=[])
+    train(config, tmp_path / "run", progress=False)
+    method = load_trained_method(tmp_path / "run" / "best")
+    assert method.name == "combiner" and not method.training
+    weights = load_file(str(tmp_path / "run" / "best" / "model.safetensors"))
+    torch.testing.assert_close(
+        method.output_layer.weight, weights["method.output_layer.weight"], rtol=0, atol=0
+    )
+
+
+def test_user_mistakes_get_clear_errors(config, tmp_path):
+    with pytest.raises(ValueError, match="unknown method 'combinr'"):
+        train(config.replace(method="combinr"), tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="'sum' is zero-shot.*trainable methods: combiner"):
+        train(config.replace(method="sum"), tmp_path / "a", progress=False)
+    with pytest.raises(FileNotFoundError, match="no training run to resume"):
+        resume(tmp_path / "missing")
+    with pytest.raises(ValueError, match="unknown training override"):
+        config.replace(epoch=3)
+    run = tmp_path / "run"
+    train(config.replace(max_steps=1), run, progress=False)
+    with pytest.raises(ValueError, match="run of method 'combiner', not 'sum'"):
+        resume(run, {"method": "sum"})
+    with pytest.raises(ValueError, match="cannot change lr"):
+        resume(run, {"lr": 1.0})
+    with pytest.raises(FileExistsError, match="already holds a training run"):
+        train(config, run, progress=False)
+
+
+def test_yaml_config(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("epochs: 7\nmethod_config:\n  dropout: 0.2\nlr: 1.0e-3\n")
+    config = TrainConfig.from_yaml(path)
+    assert config.epochs == 7 and config.method_config == {"dropout": 0.2} and config.lr == 1e-3
+    path.write_text("epochz: 7\n")
+    with pytest.raises(ValueError, match="cfg.yaml: unknown training config key.*epochz"):
+        TrainConfig.from_yaml(path)
+    with pytest.raises(ValueError, match="not a multiple"):
+        TrainConfig(batch_size=10, grad_accum_steps=3)
+
+
+def test_epoch_plan_is_the_same_global_batch_for_any_process_count():
+    single = epoch_plan(100, seed=3, epoch=1, batch_size=16, accum_steps=2)
+    assert len(single) == 100 // 16 and all(len(m) == 8 for step in single for m in step)
+    shards = [epoch_plan(100, 3, 1, 16, 2, world_size=2, rank=r) for r in range(2)]
+    for step, (a, b) in enumerate(zip(*shards, strict=True)):
+        assert [x + y for x, y in zip(a, b, strict=True)] == single[step]
+    assert epoch_plan(100, 3, 2, 16, 2) != single  # a new order every epoch
+
+
+def test_cli_train_resume_and_eval_a_checkpoint(bench, tiny_weights, tmp_path):
+    from typer.testing import CliRunner
+
+    from circe.cli import app
+
+    def run(*args):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        result.text = " ".join(result.output.split())  # undo rich's line wrapping
+        return result
+
+    arch, weights = tiny_weights
+    settings = tmp_path / "cfg.yaml"
+    settings.write_text(f"cache_dir: {tmp_path / 'cache'}\neval_batch_size: 64\nwarmup_steps: 2\n")
+    common = ("--root", bench, "--backbone", f"open_clip:{arch}", "--weights", weights)
+    out = tmp_path / "run"
+    result = run("train", "--method", "combiner", *common, "--config", settings, "--epochs", 2,
+                 "--batch-size", 16, "--out", out, "--max-steps", 3)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "stopped at max_steps; continue with: circe train --resume" in result.text
+    result = run("train", "--resume", out, "--method", "sum")
+    assert result.exit_code == 2 and "run of method 'combiner', not 'sum'" in result.text
+    result = run("train", "--resume", out)
+    assert result.exit_code == 0, result.output
+    assert "test_unseen" in result.text and (out / "results.json").exists()
+    result = run("train", "--method", "text-only", *common, "--out", tmp_path / "other")
+    assert result.exit_code == 2 and "zero-shot" in result.text
+
+    record = tmp_path / "eval.json"
+    result = run("eval", "--checkpoint", out / "best", "--method", "sum", *common, "--json", record)
+    assert result.exit_code == 0, result.output
+    scores = json.loads(record.read_text())["results"]
+    assert set(scores) == {"sum", str(out / "best")}
+    best = json.loads((out / "results.json").read_text())["test"]["test"]
+    assert scores[str(out / "best")]["R@10"] == pytest.approx(best["R@10"])
+    result = run("eval", "--checkpoint", tmp_path / "nothing", *common)
+    assert result.exit_code == 2 and "no checkpoint at" in result.text
+
+
+def test_bench_quality_and_cache_speed_write_their_tables(config, tmp_path):
+    from circe.bench import cache_speed, quality
+
+    out = tmp_path / "results"
+    base = config.replace(epochs=1, eval_every=0)
+    record = quality(base, out, seeds=(0, 1), methods=["sum", "combiner"], progress=False)
+    trained, zero_shot = record["methods"]["combiner"], record["methods"]["sum"]
+    assert len(trained["test_unseen"]["R@10"]["seeds"]) == 2 and trained["trainable"]
+    assert trained["parameters"]["trainable"] > 0 and trained["train_seconds"]["mean"] > 0
+    assert zero_shot["test"]["R@50"]["std"] == 0 and zero_shot["parameters"]["trainable"] == 0
+    assert json.loads((out / "quality.json").read_text()) == record
+    table = (out / "quality.md").read_text()
+    assert "| `combiner` |" in table and "| `sum` |" in table and " ± " in table
+
+    speed = cache_speed(config, out)
+    runs = speed["runs"]
+    assert runs["no cache"]["cache_hits"] == 0 and runs["cache, warm"]["cache_hits"] == 2
+    assert speed["speedup_epoch"] > 1
+    assert "Cached epoch speed-up" in (out / "cache_speed.md").read_text()
+
+
+def test_two_cpu_processes_follow_the_one_process_trajectory(config, tmp_path):
+    """`torchrun --nproc_per_node 2 -m circe.cli train` (gloo DDP): each process takes half of
+    every global batch, the loss sees the gathered batch, so the steps are the same."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    import circe
+
+    # Dropout off: two processes draw other masks than one (the only intended difference).
+    config = config.replace(
+        epochs=2, max_steps=5, eval_every=0, test_splits=[], method_config={"dropout": 0.0}
+    )
+    train(config, tmp_path / "one", progress=False)
+    settings = tmp_path / "cfg.yaml"
+    settings.write_text(yaml.safe_dump(config.to_dict()))
+    src = str(Path(circe.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               "2", "-m", "circe.cli", "train", "--config", settings, "--out", tmp_path / "two"]  # fmt: skip
+    done = subprocess.run(
+        [str(c) for c in command], env=env, capture_output=True, text=True, timeout=240, check=False
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    one = [r["loss"] for r in read_log(tmp_path / "one", "step")]
+    two = [r["loss"] for r in read_log(tmp_path / "two", "step")]  # the main process's log
+    assert len(one) == 5 and two == pytest.approx(one, abs=1e-5)
+    expected, got = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    for name in expected:
+        # Adam divides by sqrt(v): float noise in near-zero gradients moves weights by ~1e-5.
+        torch.testing.assert_close(got[name], expected[name], atol=1e-4, rtol=1e-3)
