@@ -32,9 +32,9 @@ def test_captions_retrieve_their_images(default_backbone):
     """Held-out text -> image retrieval: scenes the pretraining never drew."""
     data = generate(SynthConfig(seed=12, train=0, val=0, test=150, test_unseen=0))
     ids = data.split_images["test"]
-    pixels = torch.stack([
-        default_backbone.preprocess(render_scene(data.scenes[i], jitter_seed=i)) for i in ids
-    ])
+    pixels = torch.stack(
+        [default_backbone.preprocess(render_scene(data.scenes[i], jitter_seed=i)) for i in ids]
+    )
     images = F.normalize(default_backbone.encode_image(pixels), dim=-1)
     tokens = default_backbone.tokenize([caption(data.scenes[i]) for i in ids])
     texts = F.normalize(default_backbone.encode_text(tokens), dim=-1)

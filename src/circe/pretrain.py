@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import random
 import time
@@ -44,6 +45,8 @@ class PretrainConfig:
     word_fraction: float = 0.2  # share of pool images with words written on them
     image_size: int = 128  # rendered size; the model's preprocessing resizes it
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    heldout_queries: int = 1000  # size of the synthetic test split used to report quality
+    save_every: int = 50  # steps between resume points (an interrupted run loses at most these)
 
 
 def _random_words(rng: random.Random) -> str:
@@ -105,9 +108,11 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
 
 
 @torch.no_grad()
-def text_to_image_recall(model, preprocess, tokenizer, seed: int = 0) -> dict[str, float]:
+def text_to_image_recall(
+    model, preprocess, tokenizer, seed: int = 0, test_queries: int = 1000
+) -> dict[str, float]:
     """Held-out quality: each synthetic test image's caption retrieves among all of them."""
-    data = generate(SynthConfig(seed=seed))
+    data = generate(SynthConfig(seed=seed, test=test_queries))
     ids = data.split_images["test"]
     scenes = [data.scenes[i] for i in ids]
     pixels = torch.stack([preprocess(render_scene(s, jitter_seed=i)) for s, i in zip(scenes, ids)])
@@ -129,7 +134,12 @@ def text_to_image_recall(model, preprocess, tokenizer, seed: int = 0) -> dict[st
 def pretrain(
     out: Path, config: PretrainConfig = PretrainConfig(), progress: Progress | None = None
 ) -> dict:
-    """Train circe-tiny and write `out` (safetensors, fp16) and `out.report.json`."""
+    """Train circe-tiny and write `out` (safetensors, fp16) and `out.report.json`.
+
+    Every `save_every` steps the full training state is saved beside `out`
+    (`<out>.resume.pt`); running the same command again after an interruption continues
+    from there and reaches the same weights as an uninterrupted run.
+    """
     from circe.backbones import build_openclip_model
 
     if config.threads:
@@ -148,9 +158,20 @@ def pretrain(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     losses: list[float] = []
-    steps: Iterable = range(config.steps)
+    out = Path(out)
+    resume_path = out.with_name(out.name + ".resume.pt")
+    first_step = 0
+    if resume_path.exists():
+        state = torch.load(resume_path, weights_only=False)  # our own file: RNG tuples inside
+        if state["config"] == asdict(config):
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            rng.setstate(state["batch_rng"])
+            losses, first_step = state["losses"], state["step"]
+    steps: Iterable = range(first_step, config.steps)
     if progress is not None:
-        steps = progress(steps, config.steps, "pretraining")
+        steps = progress(steps, config.steps - first_step, "pretraining")
     started = time.time()
     model.train()
     for _ in steps:
@@ -166,9 +187,24 @@ def pretrain(
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
+        done = len(losses)
+        if done % config.save_every == 0 and done < config.steps:
+            _save_resume_point(
+                resume_path,
+                {
+                    "config": asdict(config),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "batch_rng": rng.getstate(),
+                    "losses": losses,
+                    "step": done,
+                },
+            )
     train_seconds = time.time() - started
-    quality = text_to_image_recall(model, preprocess, tokenizer)
-    out = Path(out)
+    quality = text_to_image_recall(
+        model, preprocess, tokenizer, test_queries=config.heldout_queries
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
     tmp = out.with_name(out.name + ".tmp")
@@ -180,8 +216,18 @@ def pretrain(
         "loss_first": sum(losses[:window]) / window,
         "loss_last": sum(losses[-window:]) / window,
         "train_seconds": round(train_seconds, 1),
+        "resumed_from_step": first_step,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         **quality,
     }
     out.with_name(out.stem + ".report.json").write_text(json.dumps(report, indent=2))
+    resume_path.unlink(missing_ok=True)
     return report
+
+
+def _save_resume_point(path: Path, state: dict) -> None:
+    """Write, then rename: an interruption mid-write leaves the previous resume point."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
