@@ -277,8 +277,24 @@ def test_two_cpu_processes_follow_the_one_process_trajectory(config, tmp_path):
     settings.write_text(yaml.safe_dump(config.to_dict()))
     src = str(Path(circe.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               "2", "-m", "circe.cli", "train", "--config", settings, "--out", tmp_path / "two"]  # fmt: skip
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
+    command = [
+        *torchrun,
+        "-m",
+        "circe.cli",
+        "train",
+        "--config",
+        settings,
+        "--out",
+        tmp_path / "two",
+    ]
     done = subprocess.run(
         [str(c) for c in command], env=env, capture_output=True, text=True, timeout=240, check=False
     )

@@ -319,9 +319,8 @@ def train_command(
         console.print(f"stopped at max_steps; continue with: circe train --resume {result.run_dir}")
     elif result.results is not None:
         _print_run(result.results)
-        console.print(
-            f"run written to {result.run_dir} (evaluate: circe eval --checkpoint {result.run_dir}/best)"
-        )
+        best = result.run_dir / "best"
+        console.print(f"run written to {result.run_dir} (evaluate: circe eval --checkpoint {best})")
 
 
 bench_app = typer.Typer(

@@ -27,6 +27,7 @@ from circe.backbones.base import Backbone
 from circe.data.batching import image_batches
 from circe.data.types import Gallery
 from circe.methods.base import FrozenBackboneMethod
+from circe.train.atomic import fsync_path
 
 Progress = Callable[[Iterable, int, str], Iterable]
 FORMAT_VERSION = 1
@@ -97,7 +98,7 @@ class FeatureCache:
             save_file({"features": features.contiguous()}, str(staging / "features.safetensors"))
             (staging / "meta.json").write_text(json.dumps(fields, indent=2))
             for name in ("features.safetensors", "meta.json"):
-                _fsync(staging / name)
+                fsync_path(staging / name)
             try:
                 os.rename(staging, self.path(key))
             except OSError:
@@ -106,14 +107,6 @@ class FeatureCache:
                 # Another process stored the same entry first: same key, same content.
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @torch.no_grad()

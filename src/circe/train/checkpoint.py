@@ -26,6 +26,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from circe.backbones import load_backbone
+from circe.methods import CIRMethod, create_method
+from circe.train.atomic import fsync_path
+
 FORMAT_VERSION = 1
 LINKS = ("last", "best")
 
@@ -39,14 +43,6 @@ class Checkpoint:
     def training_state(self) -> dict[str, Any]:
         # Our own file (RNG states hold numpy arrays and Python tuples): not weights_only.
         return torch.load(self.path / "state.pt", map_location="cpu", weights_only=False)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)  # works for directories too (POSIX)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(
@@ -70,8 +66,8 @@ def save_checkpoint(
         (staging / "config.json").write_text(json.dumps(info, indent=2))
         torch.save(state, staging / "state.pt")
         for file in staging.iterdir():
-            _fsync(file)
-        _fsync(staging)
+            fsync_path(file)
+        fsync_path(staging)
         os.rename(staging, run_dir / name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -80,7 +76,7 @@ def save_checkpoint(
         temporary = run_dir / f".tmp-{link}-{token}"
         os.symlink(name, temporary)  # relative: the run directory can be moved
         os.replace(temporary, run_dir / link)
-    _fsync(run_dir)
+    fsync_path(run_dir)
     _remove_unreferenced(run_dir)
     return run_dir / name
 
@@ -109,11 +105,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path.resolve(), info, load_file(str(path / "model.safetensors")))
 
 
-def load_trained_method(path: str | Path, device: str | torch.device = "cpu"):
+def load_trained_method(path: str | Path, device: str | torch.device = "cpu") -> CIRMethod:
     """The trained method of a checkpoint, in eval mode, on its own backbone."""
-    from circe.backbones import load_backbone
-    from circe.methods import create_method
-
     checkpoint = load_checkpoint(path)
     info = checkpoint.info
     config = info["train_config"]

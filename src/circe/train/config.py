@@ -33,13 +33,13 @@ class TrainConfig:
     backbone_weights: str | None = None
     seed: int = 0
 
-    epochs: int = 40
+    epochs: int = 20
     # Global batch: queries per optimizer step, over all processes and accumulation steps.
     # The contrastive negatives of a query are the other queries' targets of its micro-batch
     # (batch_size / grad_accum_steps, gathered over processes).
     batch_size: int = 128
     grad_accum_steps: int = 1
-    lr: float = 5e-4  # fusion (non-backbone) parameters
+    lr: float = 2e-3  # fusion (non-backbone) parameters
     backbone_lr: float = 1e-5  # backbone parameters, for methods that train the backbone
     weight_decay: float = 0.05  # matrices only; biases, norms and the temperature get none
     warmup_steps: int = 50  # linear warm-up, then cosine decay to 0 at the last step
@@ -54,7 +54,7 @@ class TrainConfig:
 
     eval_split: str = "val"
     eval_every: int = 1  # epochs between validations; 0: never (then `best` = `last`)
-    patience: int | None = 8  # validations without improvement before stopping; None: never
+    patience: int | None = 5  # validations without improvement before stopping; None: never
     test_splits: list[str] = field(default_factory=lambda: ["test", "test_unseen"])
     eval_batch_size: int = 256
 

@@ -32,6 +32,7 @@ from circe.train.cache import (
     compute_text_features,
     image_items,
 )
+from circe.train.checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT
 from circe.train.checkpoint import load_checkpoint, save_checkpoint
 from circe.train.config import RESUMABLE_OVERRIDES, TrainConfig
 from circe.train.data import FeaturePairs, Pairs, PixelPairs, epoch_plan, load_split, to_device
@@ -245,7 +246,7 @@ class Trainer:
             "position": asdict(position),
         }
         info = {
-            "format": 1,
+            "format": CHECKPOINT_FORMAT,
             "method": self.config.method,
             "method_config": self.method.config_dict(),
             "train_config": self.config.to_dict(),
@@ -350,7 +351,10 @@ class Trainer:
                         self._save(position, ("last",), None)
                         return TrainResult(self.run_dir, finished=False, results=None)
                 position.train_seconds += time.time() - started
-                if self._end_epoch(position, epoch, len(plan)):
+                stop, record = self._end_epoch(position, epoch, len(plan))
+                if self.show_progress:
+                    bar.console.print(_epoch_line(record))
+                if stop:
                     break
         return TrainResult(self.run_dir, finished=True, results=self._finish(position))
 
@@ -378,8 +382,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total, grad_norm, lr
 
-    def _end_epoch(self, position: _Position, epoch: int, steps: int) -> bool:
-        """Validate, checkpoint, log; True when early stopping ends the run."""
+    def _end_epoch(
+        self, position: _Position, epoch: int, steps: int
+    ) -> tuple[bool, dict[str, Any]]:
+        """Validate, checkpoint, log -> (whether early stopping ends the run, the record)."""
         config = self.config
         record: dict[str, Any] = {
             "epoch": epoch,
@@ -405,7 +411,7 @@ class Trainer:
         record["best_epoch"] = position.best_epoch
         self.log.write("epoch", position.global_step, record)
         self._save(position, links, val)
-        return config.patience is not None and position.bad_evals >= config.patience
+        return config.patience is not None and position.bad_evals >= config.patience, record
 
     def _finish(self, position: _Position) -> dict[str, Any] | None:
         """Test the best checkpoint; write results.json (main process)."""
@@ -450,6 +456,15 @@ class Trainer:
         }
         (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
         return results
+
+
+def _epoch_line(record: dict[str, Any]) -> str:
+    line = f"epoch {record['epoch'] + 1}: train loss {record['train_loss']:.4f}"
+    if "val" in record:
+        val = record["val"]
+        recalls = ", ".join(f"R@{k} {val[f'R@{k}']:.1f}" for k in SELECTION_KS)
+        line += f"; val {recalls} (score {val['score']:.2f})"
+    return line + f"; best epoch {record['best_epoch'] + 1}"
 
 
 def _no_progress(items, total, description):
