@@ -412,6 +412,72 @@ def bench_cache_speed(
 
 
 @app.command()
+def caption(
+    model: Annotated[Path, typer.Option(help="Local Hugging Face BLIP / BLIP-2 model directory.")],
+    out: Annotated[Path, typer.Option(help="Captions JSON {image id: caption} (resumed).")],
+    dataset: Annotated[str, typer.Option(help="Data set (synthetic).")] = "synthetic",
+    root: Annotated[Path, typer.Option(help="Data set directory.")] = DEFAULT_SYNTHETIC_ROOT,
+    split: Annotated[str, typer.Option(help="Whose gallery images to caption.")] = "test",
+    batch_size: int = 16,
+    max_new_tokens: int = 30,
+) -> None:
+    """Caption a split's images with a local captioning model into a JSON file (DQU-CIR's
+    reference captions); rerunning it resumes and only captions what is missing."""
+    from circe.data.captions import HFCaptioner, caption_gallery
+    from circe.train.data import load_split
+
+    try:
+        data = load_split(dataset, root, split)
+        captioner = HFCaptioner(model, max_new_tokens=max_new_tokens)
+        captions = caption_gallery(data.gallery, captioner, out, batch_size, track)
+    except (FileNotFoundError, ValueError, OSError) as error:
+        raise _fail(str(error)) from None
+    console.print(f"{len(captions)} captions in {out}")
+
+
+@app.command("show-query")
+def show_query(
+    out: Annotated[Path, typer.Option(help="PNG file for the unified image query.")],
+    method: Annotated[str, typer.Option(help="A method that prepares queries.")] = "dqu-cir",
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="A trained run's RUN_DIR/best (for its λ).")
+    ] = None,
+    query: Annotated[str | None, typer.Option(help="Query id (default: the first).")] = None,
+    dataset: Annotated[str, typer.Option(help="Data set (synthetic).")] = "synthetic",
+    root: Annotated[Path, typer.Option(help="Data set directory.")] = DEFAULT_SYNTHETIC_ROOT,
+    split: str = "test",
+    scale: Annotated[int, typer.Option(help="Enlarge the PNG this many times.")] = 1,
+    backbone: BackboneOption = "default",
+    weights: WeightsOption = None,
+) -> None:
+    """Save a query as the method's encoders see it (DQU-CIR: the reference image with the
+    key words written on it) and print its unified text and, where the method has one, λ."""
+    from circe.data.batching import raw_query
+    from circe.train.data import load_split
+
+    model = _load_checkpoint(checkpoint) if checkpoint else _load_method(method, backbone, weights)
+    if not model.prepares_queries:
+        raise _fail(f"method {model.name!r} encodes queries as given; nothing to show")
+    try:
+        data = load_split(dataset, root, split)
+        chosen = next((q for q in data.queries if query in (None, q.query_id)), None)
+        if chosen is None:
+            raise ValueError(f"split {split!r} has no query {query!r}")
+        image, text = model.prepare_query(raw_query(chosen, data.gallery))
+    except (FileNotFoundError, KeyError, ValueError) as error:
+        raise _fail(str(error)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.resize((image.width * scale, image.height * scale)).save(out)
+    console.print(f"query {chosen.query_id}: {chosen.reference_id} + {chosen.text!r}")
+    console.print(f"unified text: {text!r}")
+    if hasattr(model, "explain"):
+        pixels = model.backbone.preprocess(image)[None].to(model.backbone.device)
+        lam = model.explain(pixels, [text]).item()
+        console.print(f"λ (share of the textual query): {lam:.3f}")
+    console.print(f"unified image query written to {out}")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Where to write the gallery and pictures.")] = Path(
         "circe-demo"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from PIL import Image
@@ -37,6 +38,25 @@ class Backbone(torch.nn.Module, ABC):
     """
 
     identity: BackboneIdentity
+    # Name prefixes (relative to this module) of the image tower's parameters. Every other
+    # parameter, except the contrastive temperature, belongs to the text tower. Methods that
+    # fine-tune one tower only (DQU-CIR) select parameters with `tower_parameters`.
+    image_tower_prefixes: ClassVar[tuple[str, ...]] = ()
+
+    def tower_parameters(self, tower: str) -> list[torch.nn.Parameter]:
+        """The parameters of the `"image"` or `"text"` tower."""
+        if tower not in ("image", "text"):
+            raise ValueError(f"tower must be 'image' or 'text', got {tower!r}")
+        if not self.image_tower_prefixes:
+            raise NotImplementedError(f"{type(self).__name__} does not name its image tower")
+        chosen = []
+        for name, parameter in self.named_parameters():
+            if name.rsplit(".", 1)[-1] in ("logit_scale", "logit_bias"):
+                continue  # the pretraining temperature belongs to neither tower
+            in_image = name.startswith(self.image_tower_prefixes)
+            if in_image == (tower == "image"):
+                chosen.append(parameter)
+        return chosen
 
     @abstractmethod
     def preprocess(self, image: Image.Image) -> torch.Tensor:

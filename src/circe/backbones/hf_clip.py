@@ -82,6 +82,8 @@ class HFClipBackbone(Backbone):
         open_clip's `ln_post`-ed tokens. Mask all True.
     """
 
+    image_tower_prefixes = ("model.vision_model.", "model.visual_projection.")
+
     def __init__(
         self,
         model_dir: str | Path,

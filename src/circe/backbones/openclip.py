@@ -276,6 +276,8 @@ class OpenClipBackbone(Backbone):
     and HF text towers support `tokens=False` only.
     """
 
+    image_tower_prefixes = ("model.visual.",)
+
     def __init__(
         self,
         arch: str | Path,

@@ -30,6 +30,22 @@ class Query:
         return " and ".join(t.strip() for t in self.texts)
 
 
+@dataclass(frozen=True)
+class RawQuery:
+    """A query before any encoder sees it: what `CIRMethod.prepare_query` works on.
+
+    The data pipeline (evaluation's query batches, pixel training batches, the feature
+    cache) builds one per query from the data set: the reference image as loaded, the
+    modification text, and what the data set knows about them.
+    """
+
+    image: Image.Image  # the reference image, RGB, before preprocessing
+    text: str  # the modification text
+    reference_id: str | None = None
+    query_id: str | None = None
+    caption: str | None = None  # the data set's caption of the reference image, if it has one
+
+
 @dataclass
 class Gallery:
     """Image ids -> paths, in a fixed order (row i of an embedding matrix is ids[i])."""

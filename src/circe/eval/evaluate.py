@@ -58,7 +58,10 @@ def encode_queries(
 ) -> torch.Tensor:
     """`[Q, D]` query embeddings in query order."""
     method.eval()
-    batches = query_batches(queries, split.gallery, method.backbone.preprocess, batch_size, workers)
+    prepare = method.prepare_query if method.prepares_queries else None
+    batches = query_batches(
+        queries, split.gallery, method.backbone.preprocess, batch_size, workers, prepare
+    )
     total = -(-len(queries) // batch_size)
     device = method.backbone.device
     return torch.cat(

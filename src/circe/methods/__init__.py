@@ -1,6 +1,7 @@
 """CIR methods, registered by name. Importing this package registers all of them."""
 
-from circe.methods import combiner, zeroshot  # noqa: F401  (registers the methods)
+from circe.data.types import RawQuery
+from circe.methods import combiner, dqu_cir, zeroshot  # noqa: F401  (registers the methods)
 from circe.methods.base import (
     Batch,
     CIRMethod,
@@ -15,6 +16,7 @@ __all__ = [
     "Batch",
     "CIRMethod",
     "FrozenBackboneMethod",
+    "RawQuery",
     "create_method",
     "list_methods",
     "method_class",

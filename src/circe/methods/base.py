@@ -9,9 +9,11 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from circe.backbones.base import Backbone
+from circe.data.types import RawQuery
 
 
 @dataclass
@@ -58,6 +60,23 @@ class CIRMethod(nn.Module, ABC):
     def encode_queries(self, reference_pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """`[B, 3, H, W]` + B texts -> `[B, D]` unit vectors."""
 
+    # Raw-data stage of the query (additive to the two encoders). Before a reference image
+    # is preprocessed into pixels, the data pipeline hands the method the raw query and uses
+    # the (image, text) it returns: `encode_queries` then receives the pixels of that image
+    # and that text. The default changes nothing, so a method that fuses features never
+    # notices. A method that fuses raw data (DQU-CIR writes words onto the reference image
+    # and puts its caption into the text) overrides it, and sets `prepares_queries` so that
+    # caches key the query side on the prepared inputs (`prepare_fingerprint`).
+    prepares_queries: ClassVar[bool] = False
+
+    def prepare_query(self, query: RawQuery) -> tuple[Image.Image, str]:
+        """A raw query -> the (image, text) that `encode_queries` sees. Default: as given."""
+        return query.image, query.text
+
+    def prepare_fingerprint(self) -> dict:
+        """What `prepare_query` depends on besides its input (for cache keys)."""
+        return {}
+
     def config_dict(self) -> dict:
         """Keyword arguments that recreate this method with `create_method` (saved with
         checkpoints). Methods keep their settings as a dataclass in `self.config`."""
@@ -87,6 +106,14 @@ class FrozenBackboneMethod(CIRMethod):
     """
 
     frozen_backbone = True
+    # A method may still fine-tune its text tower while the image tower stays frozen (DQU-CIR's
+    # fast default): every image feature remains cacheable, and the trainer hands the method
+    # the texts of a feature batch so that it encodes them with gradients (`query_text_features`).
+    trains_text_tower: bool = False
+    # And a method may offer to train its image tower too (DQU-CIR's paper setting): then no
+    # image feature is cacheable and the trainer feeds pixels (`backbone_image_features`
+    # must then keep gradients).
+    trains_image_tower: bool = False
 
     def __init__(self, backbone: Backbone):
         super().__init__(backbone)
@@ -109,12 +136,19 @@ class FrozenBackboneMethod(CIRMethod):
         """B texts -> `[B, D]` pooled text embeddings (not normalised): what is cached."""
         return self.encode_texts(texts)
 
+    def query_text_features(self, texts: list[str]) -> torch.Tensor:
+        """B texts -> `[B, D]` text features for the query, with gradients when the method
+        trains its text tower (`trains_text_tower`); otherwise the cached kind."""
+        if self.trains_text_tower:
+            return self.encode_texts(texts)
+        return self.backbone_text_features(texts)
+
     def encode_targets(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.encode_targets_from_features(self.backbone_image_features(pixels))
 
     def encode_queries(self, reference_pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
         return self.encode_queries_from_features(
-            self.backbone_image_features(reference_pixels), self.backbone_text_features(texts)
+            self.backbone_image_features(reference_pixels), self.query_text_features(texts)
         )
 
     def encode_targets_from_features(self, image_features: torch.Tensor) -> torch.Tensor:

@@ -130,6 +130,53 @@ def compute_image_features(
     )
 
 
+def prepared_query_items(gallery: Gallery, pairs, method: FrozenBackboneMethod) -> list:
+    """What each pair's prepared query is made of: its reference image (as `image_items`),
+    its text and its query id (what the raw-data stage depends on besides goes into the
+    `what` of the key: `prepared_query_what`)."""
+    references = [pairs.images[r] for r in pairs.reference.tolist()]
+    images = image_items(gallery, references)
+    texts = [pairs.texts[t] for t in pairs.text.tolist()]
+    ids = pairs.query_ids or [None] * len(pairs)
+    return [[i, t, q] for i, t, q in zip(images, texts, ids, strict=True)]
+
+
+def prepared_query_what(method: FrozenBackboneMethod) -> str:
+    return "query-image:prepared " + json.dumps(method.prepare_fingerprint(), sort_keys=True)
+
+
+@torch.no_grad()
+def compute_prepared_queries(
+    method: FrozenBackboneMethod,
+    pairs,
+    batch_size: int,
+    workers: int,
+    progress: Progress,
+    features: bool = True,
+) -> tuple[torch.Tensor | None, list[str]]:
+    """Every pair's query through `method.prepare_query`: (`[P, D]` backbone image features of
+    the prepared images, or None without `features`; the P prepared texts)."""
+    from torch.utils.data import DataLoader
+
+    from circe.train.data import PreparedPairQueries
+
+    backbone = method.backbone
+    loader = DataLoader(
+        PreparedPairQueries(pairs, backbone.preprocess, method.prepare_query),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=lambda items: tuple(zip(*items, strict=True)),
+    )
+    total = -(-len(pairs) // batch_size)
+    rows, texts = [], []
+    for pixels, batch_texts in progress(loader, total, "preparing queries"):
+        texts += batch_texts
+        if features:
+            batch = torch.stack(pixels).to(backbone.device)
+            rows.append(method.backbone_image_features(batch).float().cpu())
+    return (torch.cat(rows) if features else None), texts
+
+
 @torch.no_grad()
 def compute_text_features(
     method: FrozenBackboneMethod, texts: Sequence[str], batch_size: int, progress: Progress

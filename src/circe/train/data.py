@@ -7,7 +7,7 @@ else (pairs, order, pixels or cached features) works on `CIRSplit`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,8 +15,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from circe.data.synthetic import load_synthetic
-from circe.data.types import CIRSplit
+from circe.data.types import CIRSplit, RawQuery
 from circe.methods.base import Batch
+
+Prepare = Callable[[RawQuery], tuple[Image.Image, str]]
 
 DATASETS: dict[str, Callable[[Path, str], CIRSplit]] = {"synthetic": load_synthetic}
 
@@ -45,6 +47,7 @@ class Pairs:
     reference: torch.Tensor  # [P] int64
     text: torch.Tensor  # [P] int64
     target: torch.Tensor  # [P] int64
+    query_ids: list[str] = field(default_factory=list)  # [P], the query of each pair
 
     @classmethod
     def from_split(cls, split: CIRSplit) -> Pairs:
@@ -62,57 +65,134 @@ class Pairs:
             for q in usable
         ]
         reference, text, target = torch.tensor(rows, dtype=torch.int64).T
-        return cls(split, list(image_row), list(text_row), reference, text, target)
+        query_ids = [q.query_id for q in usable]
+        return cls(split, list(image_row), list(text_row), reference, text, target, query_ids)
 
     def __len__(self) -> int:
         return len(self.reference)
 
+    def raw_query(self, p: int) -> RawQuery:
+        """Pair p's query before any encoder (for a method's `prepare_query`)."""
+        gallery = self.split.gallery
+        reference_id = self.images[self.reference[p]]
+        return RawQuery(
+            image=gallery.open(reference_id),
+            text=self.texts[self.text[p]],
+            reference_id=reference_id,
+            query_id=self.query_ids[p] if self.query_ids else None,
+            caption=gallery.captions.get(reference_id),
+        )
+
 
 @dataclass
 class FeatureBatch:
-    """Cached frozen-backbone features of a batch of triplets."""
+    """Cached frozen-backbone features of a batch of triplets.
+
+    `text_features` is None when the method trains its text tower: it then encodes `texts`.
+    """
 
     reference_features: torch.Tensor  # [b, D]
-    text_features: torch.Tensor  # [b, D]
+    text_features: torch.Tensor | None  # [b, D]
     target_features: torch.Tensor  # [b, D]
+    texts: list[str] | None = None
 
 
 def to_device(batch: Batch | FeatureBatch, device: torch.device) -> Batch | FeatureBatch:
     if isinstance(batch, FeatureBatch):
-        return FeatureBatch(*(t.to(device) for t in vars(batch).values()))
+        text = batch.text_features
+        return FeatureBatch(
+            batch.reference_features.to(device),
+            None if text is None else text.to(device),
+            batch.target_features.to(device),
+            batch.texts,
+        )
     return Batch(batch.reference_pixels.to(device), batch.texts, batch.target_pixels.to(device))
 
 
-class FeaturePairs:
-    """Batches of triplets from cached features: an index, no image decoding."""
+@dataclass
+class QueryFeatures:
+    """The query side of the pairs after a method's raw-data stage (`prepare_query`)."""
 
-    def __init__(self, pairs: Pairs, image_features: torch.Tensor, text_features: torch.Tensor):
+    reference_features: torch.Tensor  # [P, D], row p: features of pair p's prepared image
+    texts: list[str]  # unique prepared texts
+    text: torch.Tensor  # [P] int64, row into `texts`
+
+
+class FeaturePairs:
+    """Batches of triplets from cached features: an index, no image decoding.
+
+    With `queries` (a method that prepares its queries) the reference features and texts are
+    the prepared ones; with `text_features=None` (a method that trains its text tower) the
+    batches carry the texts instead of their features.
+    """
+
+    def __init__(
+        self,
+        pairs: Pairs,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor | None,
+        queries: QueryFeatures | None = None,
+    ):
         self.pairs = pairs
         self.image_features = image_features  # [I, D], row i for pairs.images[i]
-        self.text_features = text_features  # [T, D], row t for pairs.texts[t]
+        self.text_features = text_features  # [T, D], row t for texts[t]
+        self.queries = queries
+        self.texts = queries.texts if queries else pairs.texts
+        self.text_index = queries.text if queries else pairs.text  # [P]
 
     def batches(self, index_lists: list[list[int]], workers: int = 0) -> Iterator[FeatureBatch]:
         for indices in index_lists:
             rows = torch.tensor(indices)
+            if self.queries is not None:
+                references = self.queries.reference_features[rows]
+            else:
+                references = self.image_features[self.pairs.reference[rows]]
+            text_rows = self.text_index[rows]
             yield FeatureBatch(
-                self.image_features[self.pairs.reference[rows]],
-                self.text_features[self.pairs.text[rows]],
+                references,
+                None if self.text_features is None else self.text_features[text_rows],
                 self.image_features[self.pairs.target[rows]],
+                [self.texts[t] for t in text_rows.tolist()],
             )
 
 
 class _PixelTriplets(Dataset):
-    def __init__(self, pairs: Pairs, preprocess: Callable[[Image.Image], torch.Tensor]):
-        self.pairs, self.preprocess = pairs, preprocess
+    def __init__(
+        self,
+        pairs: Pairs,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        prepare: Prepare | None = None,
+    ):
+        self.pairs, self.preprocess, self.prepare = pairs, preprocess, prepare
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, p: int) -> tuple[torch.Tensor, str, torch.Tensor]:
         pairs, gallery = self.pairs, self.pairs.split.gallery
-        reference = self.preprocess(gallery.open(pairs.images[pairs.reference[p]]))  # [3, H, W]
+        if self.prepare is not None:  # the method's raw-data stage (e.g. DQU-CIR)
+            image, text = self.prepare(pairs.raw_query(p))
+        else:
+            image, text = gallery.open(pairs.images[pairs.reference[p]]), pairs.texts[pairs.text[p]]
+        reference = self.preprocess(image)  # [3, H, W]
         target = self.preprocess(gallery.open(pairs.images[pairs.target[p]]))
-        return reference, pairs.texts[pairs.text[p]], target
+        return reference, text, target
+
+
+class PreparedPairQueries(Dataset):
+    """Pair p -> (pixels of its prepared reference image `[3, H, W]`, its prepared text)."""
+
+    def __init__(
+        self, pairs: Pairs, preprocess: Callable[[Image.Image], torch.Tensor], prepare: Prepare
+    ):
+        self.pairs, self.preprocess, self.prepare = pairs, preprocess, prepare
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, p: int) -> tuple[torch.Tensor, str]:
+        image, text = self.prepare(self.pairs.raw_query(p))
+        return self.preprocess(image), text
 
 
 def _collate(items: list[tuple[torch.Tensor, str, torch.Tensor]]) -> Batch:
@@ -123,8 +203,13 @@ def _collate(items: list[tuple[torch.Tensor, str, torch.Tensor]]) -> Batch:
 class PixelPairs:
     """Batches of triplets decoded from the image files (backbones that are trained)."""
 
-    def __init__(self, pairs: Pairs, preprocess: Callable[[Image.Image], torch.Tensor]):
-        self.dataset = _PixelTriplets(pairs, preprocess)
+    def __init__(
+        self,
+        pairs: Pairs,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        prepare: Prepare | None = None,
+    ):
+        self.dataset = _PixelTriplets(pairs, preprocess, prepare)
 
     def batches(self, index_lists: list[list[int]], workers: int = 0) -> Iterator[Batch]:
         loader = DataLoader(

@@ -69,8 +69,11 @@ class ContrastiveObjective(nn.Module):
 
     def forward(self, batch: Batch | FeatureBatch) -> torch.Tensor:
         if isinstance(batch, FeatureBatch):
+            text_features = batch.text_features
+            if text_features is None:  # the method trains its text tower: encode, with grads
+                text_features = self.method.query_text_features(batch.texts)  # [b, D]
             queries = self.method.encode_queries_from_features(
-                batch.reference_features, batch.text_features
+                batch.reference_features, text_features
             )  # [b, D]
             targets = self.method.encode_targets_from_features(batch.target_features)  # [b, D]
         else:

@@ -29,13 +29,24 @@ from circe.progress import track
 from circe.train.cache import (
     FeatureCache,
     compute_image_features,
+    compute_prepared_queries,
     compute_text_features,
     image_items,
+    prepared_query_items,
+    prepared_query_what,
 )
 from circe.train.checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT
 from circe.train.checkpoint import load_checkpoint, save_checkpoint
 from circe.train.config import RESUMABLE_OVERRIDES, TrainConfig
-from circe.train.data import FeaturePairs, Pairs, PixelPairs, epoch_plan, load_split, to_device
+from circe.train.data import (
+    FeaturePairs,
+    Pairs,
+    PixelPairs,
+    QueryFeatures,
+    epoch_plan,
+    load_split,
+    to_device,
+)
 from circe.train.losses import ContrastiveObjective
 from circe.train.runlog import RunLog
 
@@ -184,43 +195,77 @@ class Trainer:
 
     def _source(self) -> FeaturePairs | PixelPairs:
         method = self.method
-        if not (self.config.feature_cache and isinstance(method, FrozenBackboneMethod)):
-            return PixelPairs(self.pairs, method.backbone.preprocess)
+        prepare = method.prepare_query if method.prepares_queries else None
+        cacheable = isinstance(method, FrozenBackboneMethod) and not method.trains_image_tower
+        if not (self.config.feature_cache and cacheable):
+            return PixelPairs(self.pairs, method.backbone.preprocess, prepare)
         started = time.time()
         cache = FeatureCache(self.config.cache_dir)
         progress = track if self.show_progress else _no_progress
         gallery, batch = self.train_split.gallery, self.config.eval_batch_size
+        hits, entries = 0, 0
 
-        def images() -> torch.Tensor:
-            ids = self.pairs.images
-            return compute_image_features(
-                method, gallery, ids, batch, self.config.workers, progress
-            )
-
-        def texts() -> torch.Tensor:
-            return compute_text_features(method, self.pairs.texts, batch, progress)
-
-        features, hits = [], 0
-        for what, items, compute in (
-            ("image:pooled", image_items(gallery, self.pairs.images), images),
-            ("text:pooled", self.pairs.texts, texts),
-        ):
+        def cached(what: str, items: list, compute) -> torch.Tensor:
+            nonlocal hits, entries
             key, fields = cache.key(method.backbone, what, items)
             # The main process computes and stores a missing entry; the others wait, then read.
             found = cache.load(key) if self.is_main else None
             hits += found is not None
+            entries += 1
             if self.is_main and found is None:
                 found = compute()
                 cache.store(key, fields, found)
             self.accelerator.wait_for_everyone()
-            features.append(found if found is not None else cache.load(key))
+            return found if found is not None else cache.load(key)
+
+        images = cached(
+            "image:pooled",
+            image_items(gallery, self.pairs.images),
+            lambda: compute_image_features(
+                method, gallery, self.pairs.images, batch, self.config.workers, progress
+            ),
+        )
+        queries, texts = None, self.pairs.texts
+        if prepare is not None:
+            # The method's raw-data stage makes the query side (DQU-CIR: words on the image,
+            # caption in the text), deterministic, so its image features are cached per pair.
+            # The prepared texts are remade each run (cheap; one more pass over the pairs).
+            prepared: dict[str, list[str]] = {}
+
+            def prepare_all() -> torch.Tensor:
+                features, prepared["texts"] = compute_prepared_queries(
+                    method, self.pairs, batch, self.config.workers, progress
+                )
+                return features
+
+            references = cached(
+                prepared_query_what(method),
+                prepared_query_items(gallery, self.pairs, method),
+                prepare_all,
+            )
+            if "texts" not in prepared:
+                _, prepared["texts"] = compute_prepared_queries(
+                    method, self.pairs, batch, self.config.workers, progress, features=False
+                )
+            rows: dict[str, int] = {}
+            index = [rows.setdefault(t, len(rows)) for t in prepared["texts"]]
+            texts = list(rows)
+            queries = QueryFeatures(references, texts, torch.tensor(index, dtype=torch.int64))
+        text_features = None
+        if not method.trains_text_tower:
+            text_features = cached(
+                "text:pooled",
+                texts,
+                lambda: compute_text_features(method, texts, batch, progress),
+            )
         self.cache_report = {
             "used": True,
             "dir": str(cache.root),
-            "hits": hits,  # entries found (of 2: images, texts)
+            "hits": hits,  # entries found
+            "entries": entries,  # entries needed (images, prepared queries, texts)
             "seconds": round(time.time() - started, 3),
         }
-        return FeaturePairs(self.pairs, *features)
+        return FeaturePairs(self.pairs, images, text_features, queries)
 
     # -- checkpoints -----------------------------------------------------------------------
 
