@@ -72,6 +72,8 @@ def test_words_are_written_where_the_text_goes():
         ("replace the red circle with a diamond", "diamond"),
         ("move the red circle to the top left", "top left"),
         ("put the triangle in the middle left instead", "middle left"),
+        ("move the blue square at the bottom right to the middle right", "middle right"),
+        ("is shiny and silver with shorter sleeves", "shiny, silver shorter sleeves"),
         ("add a small red circle in the top left", "small red circle top left"),
         (
             "there should also be a small green diamond in the bottom middle",

@@ -43,8 +43,9 @@ _STOPWORDS = _ARTICLES | _words(
     "instead now same image picture photo target reference",
 )
 # "what it becomes" markers: the target is described after them ("change X to Y", "turn X into
-# Y", "replace X with Y", "X should be Y"). The earliest one in the clause wins.
-_BECOMES = (" should also be ", " should be ", " into ", " to ", " with ")
+# Y", "X should be Y"). The earliest one in the clause wins. " with " marks it only after
+# "replace" ("replace X with Y"); elsewhere it adds an attribute ("silver with short sleeves").
+_BECOMES = (" should also be ", " should be ", " into ", " to ")
 # Instructions whose object is the new attribute, said last: "make / paint the X green".
 _ATTRIBUTE_LAST = {"make", "paint", "recolour", "recolor", "colour", "color", "dye"}
 # Removals: the target shows the object no more.
@@ -98,12 +99,13 @@ def _clause_keywords(clause: str) -> str:
     if verb in _SIZE_WORDS:  # "enlarge the X" -> "large"
         return _SIZE_WORDS[verb]
     if verb in _MOVE and len(words) > 1 and words[1] == "the":
-        # An existing object changes place: only the place describes the target.
-        for preposition in _PLACE_PREPOSITIONS:
-            at = clause.rfind(preposition)
-            if at > 0:
-                return _content(clause[at + len(preposition) :])
-    becomes = [(clause.find(m), m) for m in _BECOMES if clause.find(m) > 0]
+        # An existing object changes place: only the place it goes to, named last ("move the
+        # square at the top left to the center"), describes the target.
+        at, preposition = max((clause.rfind(p), p) for p in _PLACE_PREPOSITIONS)
+        if at > 0:
+            return _content(clause[at + len(preposition) :])
+    markers = (*_BECOMES, " with ") if verb == "replace" else _BECOMES
+    becomes = [(clause.find(m), m) for m in markers if clause.find(m) > 0]
     if becomes:
         at, marker = min(becomes)
         return _content(clause[at + len(marker) :])
