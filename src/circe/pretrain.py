@@ -18,7 +18,7 @@ import os
 import platform
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,8 +28,7 @@ from safetensors.torch import save_file
 
 from circe.data.render import COLOURS, POSITIONS, SHAPES, SIZES, render_scene, write_words
 from circe.data.synthetic import SynthConfig, caption, generate, random_scene
-
-Progress = Callable[[Iterable, int, str], Iterable]
+from circe.progress import Progress
 
 
 @dataclass(frozen=True)

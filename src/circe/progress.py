@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.progress import Progress as RichProgress
 
 T = TypeVar("T")
+
+# What long-running library functions accept for progress: `(items, total, description) ->
+# items`. `track` below is the CLI's; `no_progress` is the silent default.
+Progress = Callable[[Iterable, int, str], Iterable]
+
+
+def no_progress(items: Iterable[T], total: int, description: str) -> Iterable[T]:
+    return items
 
 
 def track(items: Iterable[T], total: int | None, description: str) -> Iterator[T]:
@@ -26,5 +34,5 @@ def track(items: Iterable[T], total: int | None, description: str) -> Iterator[T
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, transient=False) as progress:
+    with RichProgress(*columns, transient=False) as progress:
         yield from progress.track(items, total=total, description=description)

@@ -22,8 +22,7 @@ from pathlib import Path
 from PIL import Image
 
 from circe.data.types import DatasetFormatError, Gallery
-
-Progress = Callable[[Iterable, int, str], Iterable]
+from circe.progress import Progress
 
 
 def read_captions(path: str | Path) -> dict[str, str]:

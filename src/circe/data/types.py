@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,9 +103,3 @@ class CIRSplit:
                         f"split {self.name!r}: query {query.query_id!r} names image "
                         f"{image_id!r}, which is not in the gallery"
                     )
-
-
-def require_texts(texts: Sequence[str]) -> None:
-    for text in texts:
-        if not text or not text.strip():
-            raise ValueError("a modification text is empty: describe how the target differs")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -11,12 +11,7 @@ from circe.data.batching import image_batches, query_batches
 from circe.data.types import CIRSplit, Query
 from circe.eval.metrics import recall_at_k, top_k
 from circe.methods.base import CIRMethod
-
-Progress = Callable[[Iterable, int, str], Iterable]
-
-
-def _no_progress(items: Iterable, total: int, description: str) -> Iterable:
-    return items
+from circe.progress import Progress, no_progress
 
 
 @dataclass
@@ -34,7 +29,7 @@ def encode_gallery(
     split: CIRSplit,
     batch_size: int = 128,
     workers: int = 0,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> torch.Tensor:
     """`[N, D]` target embeddings, row i for `split.gallery.ids[i]`."""
     method.eval()
@@ -54,7 +49,7 @@ def encode_queries(
     split: CIRSplit,
     batch_size: int = 128,
     workers: int = 0,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> torch.Tensor:
     """`[Q, D]` query embeddings in query order."""
     method.eval()
@@ -92,7 +87,7 @@ def evaluate(
     batch_size: int = 128,
     workers: int = 0,
     keep_top: int = 10,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> EvalResult:
     """Recall@K over the split's gallery (reference removed when the protocol says so)."""
     if not split.queries:

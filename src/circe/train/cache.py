@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -27,9 +27,9 @@ from circe.backbones.base import Backbone
 from circe.data.batching import image_batches
 from circe.data.types import Gallery
 from circe.methods.base import FrozenBackboneMethod
+from circe.progress import Progress
 from circe.train.atomic import fsync_path
 
-Progress = Callable[[Iterable, int, str], Iterable]
 FORMAT_VERSION = 1
 
 
