@@ -106,11 +106,12 @@ def test_lambda_is_in_the_open_interval_and_follows_the_input(dqu, tiny_backbone
     torch.manual_seed(1)
     pixels = torch.randn(4, 3, size, size)
     texts = ["a red circle, but make it blue", "a square, but remove it", "x, but y", "z, but w"]
-    lam = dqu.explain(pixels, texts)
+    lam = dqu.text_share(pixels, texts)
+    assert dqu.explain(pixels, texts)["lambda"] == lam.tolist()
     assert lam.shape == (4,) and ((lam > 0) & (lam < 1)).all()
     assert lam.std() > 0  # per query, not one constant
     fixed = create_method("dqu-cir-fixed", tiny_backbone, finetune="none", fixed_lambda=0.3)
-    torch.testing.assert_close(fixed.explain(pixels, texts), torch.full((4,), 0.3))
+    torch.testing.assert_close(fixed.text_share(pixels, texts), torch.full((4,), 0.3))
     text_only = create_method("dqu-cir-text-only", tiny_backbone, finetune="none")
     expected = torch.nn.functional.normalize(text_only.encode_texts(texts), dim=-1)
     torch.testing.assert_close(text_only.encode_queries(pixels, texts), expected)

@@ -23,8 +23,9 @@ def test_contract(name, tiny_backbone):
     texts = ["make the circle red", "remove the square", "add a small blue diamond"]
     queries = method.encode_queries(pixels, texts)
     targets = method.encode_targets(pixels)
-    dim = tiny_backbone.embed_dim
-    assert queries.shape == (3, dim) and targets.shape == (3, dim)
+    # One space for both sides; its width is the method's (DWC joins two streams).
+    assert queries.shape[0] == targets.shape[0] == 3
+    assert queries.shape[1] == targets.shape[1] >= tiny_backbone.embed_dim
     torch.testing.assert_close(queries.norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(targets.norm(dim=-1), torch.ones(3))
     losses = method.loss(Batch(pixels, texts, pixels))

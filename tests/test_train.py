@@ -257,6 +257,25 @@ def test_bench_quality_and_cache_speed_write_their_tables(config, tmp_path):
     assert "Cached epoch speed-up" in (out / "cache_speed.md").read_text()
 
 
+def test_bench_label_noise_writes_its_table_and_curve(config, tmp_path):
+    from PIL import Image
+
+    from circe.bench import label_noise
+
+    out = tmp_path / "results"
+    base = config.replace(epochs=1, eval_every=0, test_splits=["test"])
+    record = label_noise(
+        base, out, ["dwc-frozen-text", "combiner"], (0.0, 0.5), seeds=(0,), progress=False
+    )
+    assert set(record["methods"]) == {"dwc-frozen-text", "combiner"}
+    assert set(record["methods"]["combiner"]) == {"0.0", "0.5"}
+    assert 0 <= record["methods"]["combiner"]["0.5"]["R@1"]["mean"] <= 100
+    table = (out / "label_noise.md").read_text()
+    assert "| `dwc-frozen-text` |" in table and "noise 50%" in table
+    with Image.open(out / "label_noise.png") as plot:
+        assert plot.width > 300 and plot.height > 200
+
+
 def test_two_cpu_processes_follow_the_one_process_trajectory(config, tmp_path):
     """`torchrun --nproc_per_node 2 -m circe.cli train` (gloo DDP): each process takes half of
     every global batch, the loss sees the gathered batch, so the steps are the same."""

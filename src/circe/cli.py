@@ -12,8 +12,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from circe.index.cli import index_command, search_command
 from circe.pretrain import PretrainConfig
 from circe.progress import track
+from circe.serve.cli import serve_command
 
 if TYPE_CHECKING:
     from circe.train import TrainConfig
@@ -157,61 +159,116 @@ def evaluate_command(
             help="A trained method: RUN_DIR/best (or /last) of `circe train`; repeatable."
         ),
     ] = None,
-    dataset: Annotated[str, typer.Option(help="Data set (synthetic).")] = "synthetic",
+    dataset: Annotated[
+        str,
+        typer.Option(help="synthetic | fashioniq | cirr | circo | shoes | fashion200k | folder"),
+    ] = "synthetic",
     root: Annotated[Path, typer.Option(help="Data set directory.")] = DEFAULT_SYNTHETIC_ROOT,
-    split: str = "test",
+    split: Annotated[
+        str | None, typer.Option(help="Split (default: the one papers report for the data set).")
+    ] = None,
+    protocol: Annotated[
+        str | None, typer.Option(help="Protocol preset, e.g. clip4cir | dqu-cir | dwc (FashionIQ).")
+    ] = None,
     backbone: BackboneOption = "default",
     weights: WeightsOption = None,
     batch_size: int = 128,
     workers: Annotated[int, typer.Option(help="Image decoding worker processes.")] = 0,
-    by_kind: Annotated[bool, typer.Option(help="Also print metrics per edit kind.")] = False,
+    by_kind: Annotated[
+        bool, typer.Option(help="Also print metrics per edit kind (CIRCO: semantic aspect).")
+    ] = False,
+    submission: Annotated[
+        Path | None, typer.Option(help="Write the test server's files (CIRR, CIRCO) here.")
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
 ) -> None:
-    """Evaluate methods on a benchmark split; prints R@1/R@10/R@50."""
-    from circe.eval.evaluate import evaluate
+    """Evaluate methods on a benchmark split with the benchmark's own protocol and metrics."""
+    from circe.data.registry import load_benchmark
+    from circe.eval.benchmark import score_benchmark
+    from circe.eval.evaluate import score_matrix
+    from circe.eval.submission import write_submission
 
-    if not method and not checkpoint:
-        raise _fail("name a --method or a trained --checkpoint RUN_DIR/best to evaluate")
-    if dataset != "synthetic":
-        raise _fail(f"unknown dataset {dataset!r}; available: synthetic")
-    from circe.data.synthetic import SynthConfig, load_synthetic, write_synthetic
-
-    if root == DEFAULT_SYNTHETIC_ROOT and not (root / "meta.json").exists():
-        console.print(f"no benchmark at {root}: generating the default one (circe synth)")
-        write_synthetic(root, SynthConfig(), track)
-    try:
-        data = load_synthetic(root, split)
-    except (FileNotFoundError, ValueError) as error:
-        raise _fail(str(error)) from None
-    results, per_kind = {}, {}
     candidates = [
         (name, lambda name=name: _load_method(name, backbone, weights)) for name in method or []
     ]
     candidates += [
         (f"{path}", lambda path=path: _load_checkpoint(path)) for path in checkpoint or []
     ]
+    if not candidates:
+        raise _fail("name a --method or a trained --checkpoint RUN_DIR/best to evaluate")
+    if submission is not None and len(candidates) != 1:
+        raise _fail("--submission writes one method's rankings: give one --method or --checkpoint")
+    if dataset != "synthetic" and root == DEFAULT_SYNTHETIC_ROOT:
+        raise _fail(f"give the {dataset} directory with --root (README: 'Real benchmarks')")
+    _ensure_synthetic(dataset, root)
+    try:
+        data = load_benchmark(dataset, root, split, protocol)
+    except (FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    if not data.labelled and submission is None:
+        hint = "; write the test server's files with --submission DIR" if data.submission else ""
+        raise _fail(f"{dataset} {data.split} has hidden test labels: it cannot be scored{hint}")
+    results, per_kind, per_part = {}, {}, {}
     for name, load in candidates:
         model = load()
         started = time.time()
-        result = evaluate(model, data, batch_size=batch_size, workers=workers, progress=track)
-        results[name] = result.metrics
-        per_kind[name] = result.per_tag
+        scores = [score_matrix(model, part, batch_size, workers, track) for part in data.parts]
+        if submission is not None:
+            try:
+                written = write_submission(data, scores, submission)
+            except ValueError as error:
+                raise _fail(str(error)) from None
+            console.print(f"{name}: wrote {', '.join(map(str, written))}")
+        if data.labelled:
+            result = score_benchmark(data, scores)
+            results[name], per_kind[name] = result.metrics, result.per_tag
+            per_part[name] = result.per_part
         console.print(f"{name}: {time.time() - started:.1f}s")
-    title = f"{dataset} {split} ({len(data.queries)} queries, {len(data.gallery)} images)"
-    console.print(_metrics_table(title, results))
-    if by_kind:
-        for name in results:
+    if results:
+        sizes = f"{sum(len(p.queries) for p in data.parts)} queries, " + " + ".join(
+            str(len(p.gallery)) for p in data.parts
+        )
+        console.print(_metrics_table(f"{dataset} {data.split} ({sizes} images)", results))
+    for name in results:
+        if per_part[name]:
+            console.print(_metrics_table(f"{name} per part", per_part[name]))
+        if by_kind and per_kind[name]:
             console.print(_metrics_table(f"{name} by edit kind", per_kind[name]))
     if json_out is not None:
         record = {
             "dataset": dataset,
-            "split": split,
+            "split": data.split,
             "backbone": backbone,
             "protocol": data.protocol,
             "results": results,
+            "per_part": per_part,
             "per_kind": per_kind,
         }
         json_out.write_text(json.dumps(record, indent=2))
+
+
+@app.command("check-dataset")
+def check_dataset_command(
+    dataset: Annotated[str, typer.Option(help="fashioniq | cirr | circo | shoes | ... | folder")],
+    root: Annotated[Path, typer.Option(help="Data set directory.")],
+    split: Annotated[str | None, typer.Option(help="Split (default: the evaluated one).")] = None,
+    protocol: Annotated[str | None, typer.Option(help="Protocol preset.")] = None,
+) -> None:
+    """Validate a data set's files: counts, and every problem found (not just the first)."""
+    from circe.data.registry import check_dataset
+
+    try:
+        report = check_dataset(dataset, root, split, protocol)
+    except ValueError as error:
+        raise _fail(str(error)) from None
+    for part, (queries, images) in report.counts.items():
+        console.print(f"{part}: {queries} queries, {images} gallery images")
+    for problem in report.problems:
+        console.print(f"problem: {problem}", markup=False, highlight=False, soft_wrap=True)
+    if report.problems:
+        console.print(f"{len(report.problems)} problem(s) in {root}")
+        raise typer.Exit(code=1)
+    console.print(f"{dataset} at {root}: no problems found")
 
 
 def _ensure_synthetic(dataset: str, root: Path) -> None:
@@ -381,6 +438,39 @@ def bench_quality(
     console.print(f"{len(record['methods'])} methods; written to {out}/quality.json and .md")
 
 
+@bench_app.command("label-noise")
+def bench_label_noise(
+    root: Annotated[Path, typer.Option(help="Data set directory.")] = DEFAULT_SYNTHETIC_ROOT,
+    out: BenchOutOption = Path("benchmarks/results"),
+    method: Annotated[
+        list[str] | None, typer.Option(help="Methods to compare (default: dwc, dwc-hard-labels).")
+    ] = None,
+    rate: Annotated[
+        list[float] | None, typer.Option(help="Noise rates (default: 0, 0.3, 0.6).")
+    ] = None,
+    seeds: Annotated[int, typer.Option(help="Training seeds per method and rate.")] = 2,
+    config: Annotated[Path | None, typer.Option(help="YAML TrainConfig for every run.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch CPU threads (0: default).")] = None,
+) -> None:
+    """Train methods on increasingly noisy modification texts; write label_noise.json, .md
+    and the curve label_noise.png."""
+    from circe.bench import label_noise
+
+    try:
+        base = _bench_config(config, root=str(root), threads=threads)
+        label_noise(
+            base,
+            out,
+            method or ("dwc", "dwc-hard-labels"),
+            rate or (0.0, 0.3, 0.6),
+            range(seeds),
+            _command_line(),
+        )
+    except (FileNotFoundError, ImportError, TypeError, ValueError) as error:
+        raise _fail(str(error)) from None
+    console.print((out / "label_noise.md").read_text())
+
+
 @bench_app.command("cache-speed")
 def bench_cache_speed(
     root: Annotated[Path, typer.Option(help="Data set directory.")] = DEFAULT_SYNTHETIC_ROOT,
@@ -470,10 +560,9 @@ def show_query(
     image.resize((image.width * scale, image.height * scale)).save(out)
     console.print(f"query {chosen.query_id}: {chosen.reference_id} + {chosen.text!r}")
     console.print(f"unified text: {text!r}")
-    if hasattr(model, "explain"):
-        pixels = model.backbone.preprocess(image)[None].to(model.backbone.device)
-        lam = model.explain(pixels, [text]).item()
-        console.print(f"λ (share of the textual query): {lam:.3f}")
+    pixels = model.backbone.preprocess(image)[None].to(model.backbone.device)
+    for name, values in model.explain(pixels, [text]).items():  # DQU-CIR: λ, the text share
+        console.print(f"{name}: {values[0]:.3f}")
     console.print(f"unified image query written to {out}")
 
 
@@ -509,6 +598,12 @@ def demo(
             console.print(f"   {position}. {image_id}  {score:.3f}{mark}")
         console.print(f"   picture: {out / f'query-{n}.png'}")
     console.print(f"\ndone in {time.time() - started:.1f}s")
+
+
+# Search your own images (circe.index, circe.serve): the command bodies live beside the code.
+app.command("index")(index_command)
+app.command("search")(search_command)
+app.command("serve")(serve_command)
 
 
 if __name__ == "__main__":

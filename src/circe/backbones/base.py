@@ -74,6 +74,17 @@ class Backbone(torch.nn.Module, ABC):
     def encode_text(self, token_ids: torch.Tensor, tokens: bool = False):
         """`[B, L]` -> `[B, D]` (or the token triple, see class doc)."""
 
+    @torch.no_grad()
+    def token_widths(self) -> tuple[int, int]:
+        """(image, text) width W of the `tokens=True` sequences (methods size their token
+        projections with it). Default: read off one probe forward of each tower."""
+        size = self.identity.image_size
+        _, image_tokens, _ = self.encode_image(
+            torch.zeros(1, 3, size, size, device=self.device), tokens=True
+        )
+        _, text_tokens, _ = self.encode_text(self.tokenize(["a"]).to(self.device), tokens=True)
+        return image_tokens.shape[-1], text_tokens.shape[-1]
+
     @property
     def embed_dim(self) -> int:
         return self.identity.embed_dim

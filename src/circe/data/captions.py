@@ -69,7 +69,7 @@ class CaptionFile:
 
 class HFCaptioner:
     """A local Hugging Face captioning model (`BlipForConditionalGeneration`, `Blip2...`,
-    any `AutoModelForVision2Seq`) with its processor, greedy decoding, no prompt."""
+    any image-to-text auto model) with its processor, greedy decoding, no prompt."""
 
     def __init__(self, model_dir: str | Path, max_new_tokens: int = 30, device: str = "cpu"):
         import transformers
@@ -83,9 +83,12 @@ class HFCaptioner:
         self.processor = transformers.AutoProcessor.from_pretrained(
             self.model_dir, local_files_only=True
         )
-        self.model = transformers.AutoModelForVision2Seq.from_pretrained(
-            self.model_dir, local_files_only=True
-        ).to(device)
+        # transformers 5 names the auto class of captioners ImageTextToText; 4.x had
+        # Vision2Seq (ImageTextToText appeared in 4.45 and maps BLIP in 5 only).
+        auto = getattr(transformers, "AutoModelForVision2Seq", None)
+        if auto is None:
+            auto = transformers.AutoModelForImageTextToText
+        self.model = auto.from_pretrained(self.model_dir, local_files_only=True).to(device)
         self.model.eval()
         self.max_new_tokens, self.device = max_new_tokens, device
 

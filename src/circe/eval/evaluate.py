@@ -9,6 +9,7 @@ import torch
 
 from circe.data.batching import image_batches, query_batches
 from circe.data.types import CIRSplit, Query
+from circe.eval.labels import Labels
 from circe.eval.metrics import recall_at_k, top_k
 from circe.methods.base import CIRMethod
 from circe.progress import Progress, no_progress
@@ -69,15 +70,21 @@ def encode_queries(
 
 def masks(split: CIRSplit, queries: Sequence[Query]) -> tuple[torch.Tensor, torch.Tensor]:
     """(target mask, reference-exclusion mask), both `[Q, N]` bool."""
-    index = split.gallery.index_of()
-    target = torch.zeros(len(queries), len(index), dtype=torch.bool)
-    exclude = torch.zeros_like(target)
-    for row, query in enumerate(queries):
-        for target_id in query.target_ids:
-            target[row, index[target_id]] = True
-        if split.exclude_reference:
-            exclude[row, index[query.reference_id]] = True
-    return target, exclude
+    labels = Labels(split, queries)
+    return labels.targets, labels.exclude
+
+
+def score_matrix(
+    method: CIRMethod,
+    split: CIRSplit,
+    batch_size: int = 128,
+    workers: int = 0,
+    progress: Progress = no_progress,
+) -> torch.Tensor:
+    """`[Q, N]` cosine similarities of every query to every gallery image of the split."""
+    gallery = encode_gallery(method, split, batch_size, workers, progress)
+    queries = encode_queries(method, split.queries, split, batch_size, workers, progress)
+    return queries @ gallery.T
 
 
 def evaluate(
@@ -97,9 +104,7 @@ def evaluate(
             f"split {split.name!r} has queries without targets (hidden test labels): "
             "it cannot be scored locally"
         )
-    gallery = encode_gallery(method, split, batch_size, workers, progress)
-    queries = encode_queries(method, split.queries, split, batch_size, workers, progress)
-    scores = queries @ gallery.T  # [Q, N] cosine similarities
+    scores = score_matrix(method, split, batch_size, workers, progress)  # [Q, N]
     target, exclude = masks(split, split.queries)
 
     def named(values: dict[int, float]) -> dict[str, float]:

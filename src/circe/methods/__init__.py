@@ -1,7 +1,7 @@
 """CIR methods, registered by name. Importing this package registers all of them."""
 
 from circe.data.types import RawQuery
-from circe.methods import combiner, dqu_cir, zeroshot  # noqa: F401  (registers the methods)
+from circe.methods import combiner, dqu_cir, dwc, zeroshot  # noqa: F401  (registers them)
 from circe.methods.base import (
     Batch,
     CIRMethod,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,36 @@ class Batch:
     reference_pixels: torch.Tensor  # [B, 3, H, W]
     texts: list[str]
     target_pixels: torch.Tensor  # [B, 3, H, W]
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """Where training stands, for losses that change over a run (annealed soft labels,
+    alternating updates): optimizer step `step` of `total_steps`."""
+
+    step: int = 0
+    total_steps: int = 1
+
+    @property
+    def progress(self) -> float:
+        """Fraction of training done, in [0, 1]."""
+        return min(1.0, self.step / max(1, self.total_steps))
+
+
+@dataclass
+class TokenFeatures:
+    """A frozen tower's outputs for a method that fuses token sequences (`uses_tokens`)."""
+
+    pooled: torch.Tensor  # [B, D], the pooled, projected embedding (not normalised)
+    tokens: torch.Tensor  # [B, L, W], the tower's last hidden states
+    mask: torch.Tensor  # [B, L] bool, True on real tokens (all True for image patches)
+
+    def __len__(self) -> int:
+        return len(self.pooled)
+
+    def to(self, device: torch.device | str) -> TokenFeatures:
+        """On `device` (the same call as `Tensor.to`, so batches move either kind alike)."""
+        return TokenFeatures(self.pooled.to(device), self.tokens.to(device), self.mask.to(device))
 
 
 def contrastive_loss(
@@ -77,6 +108,12 @@ class CIRMethod(nn.Module, ABC):
         """What `prepare_query` depends on besides its input (for cache keys)."""
         return {}
 
+    def explain(self, reference_pixels: torch.Tensor, texts: list[str]) -> dict:
+        """What the method can say about how it composed these queries (for `circe search
+        --explain`): e.g. a fusion weight per query. Inputs as for `encode_queries`.
+        Default: nothing to say."""
+        return {}
+
     def config_dict(self) -> dict:
         """Keyword arguments that recreate this method with `create_method` (saved with
         checkpoints). Methods keep their settings as a dataclass in `self.config`."""
@@ -88,11 +125,32 @@ class CIRMethod(nn.Module, ABC):
         token_ids = self.backbone.tokenize(texts).to(self.backbone.device)
         return self.backbone.encode_text(token_ids)
 
-    def loss(self, batch: Batch, temperature: float = 0.07) -> dict[str, torch.Tensor]:
-        """Batch contrastive loss: each query against every target in the batch."""
+    def embedding_loss(
+        self,
+        queries: torch.Tensor,
+        targets: torch.Tensor,
+        temperature: float | torch.Tensor,
+        state: TrainingState,
+    ) -> torch.Tensor:
+        """The training loss of a batch's query and target embeddings `[B, D]` (row i of
+        each is one triplet, gathered over processes). Default: the batch contrastive loss.
+        A method with its own objective (DWC's soft labels and alternating streams)
+        overrides this; the trainer calls it for every method."""
+        return contrastive_loss(queries, targets, temperature)
+
+    def resting_parameters(self, state: TrainingState) -> list[nn.Parameter]:
+        """Parameters that must not change at this step (alternating schedules). The trainer
+        drops their gradients before the optimizer step, so the optimizer leaves them as they
+        are (no update from momentum or weight decay either). Default: none."""
+        return []
+
+    def loss(
+        self, batch: Batch, temperature: float = 0.07, state: TrainingState = TrainingState()
+    ) -> dict[str, torch.Tensor]:
+        """The training loss of a pixel batch: each query against every target in the batch."""
         queries = self.encode_queries(batch.reference_pixels, batch.texts)
         targets = self.encode_targets(batch.target_pixels)
-        return {"loss": contrastive_loss(queries, targets, temperature)}
+        return {"loss": self.embedding_loss(queries, targets, temperature, state)}
 
 
 class FrozenBackboneMethod(CIRMethod):
@@ -114,12 +172,25 @@ class FrozenBackboneMethod(CIRMethod):
     # image feature is cacheable and the trainer feeds pixels (`backbone_image_features`
     # must then keep gradients).
     trains_image_tower: bool = False
+    # A method that fuses token sequences (cross-attention between words and image regions,
+    # FAR-Net) sets this: the query side then reaches `encode_queries_from_features` as
+    # `TokenFeatures` of each tower (pooled + tokens + mask) instead of pooled `[B, D]`
+    # tensors, and the feature cache stores the token sequences of the reference images and
+    # texts. Targets stay pooled.
+    uses_tokens: ClassVar[bool] = False
 
-    def __init__(self, backbone: Backbone):
+    def __init__(self, backbone: Backbone, trained_towers: tuple[str, ...] = ()):
+        if trained_towers:
+            # Fine-tuning changes the weights: work on a copy so that a backbone shared with
+            # other methods (evaluation, tests) is left as it was.
+            backbone = copy.deepcopy(backbone)
         super().__init__(backbone)
-        # Frozen for good: no gradients (and so no optimizer state) for the backbone. This
-        # flags the backbone object itself, which is what frozen means when it is shared.
+        # Frozen: no gradients (and so no optimizer state) for the backbone. This flags the
+        # backbone object itself, which is what frozen means when it is shared ...
         self.backbone.requires_grad_(False)
+        for tower in trained_towers:  # ... except for the towers the method fine-tunes
+            for parameter in backbone.tower_parameters(tower):
+                parameter.requires_grad_(True)
 
     def train(self, mode: bool = True) -> FrozenBackboneMethod:
         super().train(mode)
@@ -136,11 +207,37 @@ class FrozenBackboneMethod(CIRMethod):
         """B texts -> `[B, D]` pooled text embeddings (not normalised): what is cached."""
         return self.encode_texts(texts)
 
-    def query_text_features(self, texts: list[str]) -> torch.Tensor:
-        """B texts -> `[B, D]` text features for the query, with gradients when the method
-        trains its text tower (`trains_text_tower`); otherwise the cached kind."""
+    @torch.no_grad()
+    def backbone_image_tokens(self, pixels: torch.Tensor) -> TokenFeatures:
+        """`[B, 3, H, W]` -> the image tower's `TokenFeatures`: what a token method caches."""
+        return TokenFeatures(*self.backbone.encode_image(pixels, tokens=True))
+
+    @torch.no_grad()
+    def backbone_text_tokens(self, texts: list[str]) -> TokenFeatures:
+        """B texts -> the text tower's `TokenFeatures`: what a token method caches."""
+        token_ids = self.backbone.tokenize(texts).to(self.backbone.device)
+        return TokenFeatures(*self.backbone.encode_text(token_ids, tokens=True))
+
+    def query_image_features(self, pixels: torch.Tensor) -> torch.Tensor | TokenFeatures:
+        """Reference pixels -> what `encode_queries_from_features` takes for the image:
+        pooled `[B, D]` features, or `TokenFeatures` for a method that `uses_tokens`."""
+        if self.uses_tokens:
+            return self.backbone_image_tokens(pixels)
+        return self.backbone_image_features(pixels)
+
+    def query_text_features(self, texts: list[str]) -> torch.Tensor | TokenFeatures:
+        """B texts -> `[B, D]` text features for the query (`TokenFeatures` for a method that
+        `uses_tokens`), with gradients when the method trains its text tower
+        (`trains_text_tower`); otherwise the cached kind."""
         if self.trains_text_tower:
+            if self.uses_tokens:
+                raise NotImplementedError(
+                    f"{type(self).__name__}: fine-tuning the text tower of a method that fuses "
+                    "token sequences is not supported"
+                )
             return self.encode_texts(texts)
+        if self.uses_tokens:
+            return self.backbone_text_tokens(texts)
         return self.backbone_text_features(texts)
 
     def encode_targets(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -148,7 +245,7 @@ class FrozenBackboneMethod(CIRMethod):
 
     def encode_queries(self, reference_pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
         return self.encode_queries_from_features(
-            self.backbone_image_features(reference_pixels), self.query_text_features(texts)
+            self.query_image_features(reference_pixels), self.query_text_features(texts)
         )
 
     def encode_targets_from_features(self, image_features: torch.Tensor) -> torch.Tensor:
@@ -159,10 +256,12 @@ class FrozenBackboneMethod(CIRMethod):
     def encode_queries_from_features(
         self, image_features: torch.Tensor, text_features: torch.Tensor
     ) -> torch.Tensor:
-        """`[B, D]` reference image features + `[B, D]` text features -> `[B, D]` unit vectors."""
+        """`[B, D]` reference image features + `[B, D]` text features -> `[B, D]` unit vectors
+        (`TokenFeatures` of each instead, for a method that `uses_tokens`)."""
 
 
 _REGISTRY: dict[str, type[CIRMethod]] = {}
+M = TypeVar("M", bound=CIRMethod)
 
 
 def register_method(name: str) -> Callable[[type[CIRMethod]], type[CIRMethod]]:
@@ -176,6 +275,19 @@ def register_method(name: str) -> Callable[[type[CIRMethod]], type[CIRMethod]]:
         return cls
 
     return add
+
+
+def register_variant(name: str, base: type[M], doc: str, **settings) -> type[M]:
+    """Register an ablation of `base` as `name`: the same class with some config `settings`
+    fixed by default (settings given to `create_method` still win, so a saved config
+    recreates the variant exactly)."""
+
+    def __init__(self, backbone: Backbone, **config):
+        base.__init__(self, backbone, **{**settings, **config})
+
+    class_name = "".join(part.capitalize() for part in name.split("-"))
+    namespace = {"__init__": __init__, "__doc__": doc, "__module__": base.__module__}
+    return register_method(name)(type(class_name, (base,), namespace))
 
 
 def list_methods() -> list[str]:

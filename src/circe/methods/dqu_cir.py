@@ -24,12 +24,11 @@ trainer's feature cache, and only the small text tower runs per step. `"full"` i
 paper's setting (pixels every step); `"none"` trains the λ head alone.
 
 The learnable logit scale of the loss is the trainer's learned temperature
-(`circe.train.losses.ContrastiveObjective`), shared by every method.
+(`circe.train.objective.ContrastiveObjective`), shared by every method.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -100,14 +99,7 @@ class DQUCIR(FrozenBackboneMethod):
 
     def __init__(self, backbone: Backbone, **config):
         self.config = DQUCIRConfig(**config)
-        if self.config.finetune != "none":
-            # Fine-tuning changes the weights: work on a copy so that a backbone shared with
-            # other methods (evaluation, tests) is left as it was.
-            backbone = copy.deepcopy(backbone)
-        super().__init__(backbone)  # freezes every backbone parameter ...
-        for tower in ("text", "image")[: FINETUNE_MODES.index(self.config.finetune)]:
-            for parameter in backbone.tower_parameters(tower):  # ... then thaws the trained
-                parameter.requires_grad_(True)
+        super().__init__(backbone, ("text", "image")[: FINETUNE_MODES.index(self.config.finetune)])
         source = self.config.captions
         self.captions = None if source == "dataset" else CaptionFile(source)
         self.keywords = keyword_extractor(self.config.keywords)
@@ -196,12 +188,15 @@ class DQUCIR(FrozenBackboneMethod):
         return F.normalize(lam * f_t + (1 - lam) * f_v, dim=-1)
 
     @torch.no_grad()
-    def explain(self, reference_pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    def text_share(self, reference_pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """λ per query `[B]` (the paper's case study): the share of the textual query.
         Inputs as for `encode_queries`: pixels of I_u and the unified texts T_u."""
         f_v = F.normalize(self.backbone_image_features(reference_pixels), dim=-1)
         f_t = F.normalize(self.query_text_features(texts), dim=-1)
         return self.fusion_weight(f_t, f_v).squeeze(-1)
+
+    def explain(self, reference_pixels: torch.Tensor, texts: list[str]) -> dict:
+        return {"lambda": self.text_share(reference_pixels, texts).tolist()}
 
 
 @register_method("dqu-cir-text-only")

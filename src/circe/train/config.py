@@ -49,6 +49,10 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (bf16/fp16 on GPU, off on CPU) | no | fp16 | bf16
     device: str = "auto"  # auto (a GPU when there is one, else CPU) | cpu
 
+    # Fraction of training pairs whose modification text is swapped for another pair's
+    # (simulated label noise, for robustness experiments; validation and test stay clean).
+    text_noise: float = 0.0
+
     feature_cache: bool = True  # reuse frozen-backbone features across epochs and runs
     cache_dir: str = ".cache/circe/features"
 
@@ -87,6 +91,8 @@ class TrainConfig:
             )
         if self.device not in ("auto", "cpu"):
             raise ValueError(f"device must be auto or cpu, got {self.device!r}")
+        if not 0 <= self.text_noise <= 1:
+            raise ValueError(f"text_noise must be a fraction in [0, 1], got {self.text_noise}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
 

@@ -1,36 +1,28 @@
 """Training data: data sets by name, training triplets, and a resumable batch order.
 
-A data set plugs in with one loader `(root, split) -> CIRSplit` in `DATASETS`; everything
-else (pairs, order, pixels or cached features) works on `CIRSplit`.
+Data sets come by name from the one registry, `circe.data.registry` (re-exported here as
+`DATASETS` and `load_split`); everything else (pairs, order, pixels or cached features) works
+on `CIRSplit`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from circe.data.synthetic import load_synthetic
+from circe.data.registry import DATASETS, load_split  # noqa: F401  (re-exported)
 from circe.data.types import CIRSplit, RawQuery
-from circe.methods.base import Batch
+from circe.methods.base import Batch, TokenFeatures
+
+if TYPE_CHECKING:
+    from circe.train.cache import TokenStore
 
 Prepare = Callable[[RawQuery], tuple[Image.Image, str]]
-
-DATASETS: dict[str, Callable[[Path, str], CIRSplit]] = {"synthetic": load_synthetic}
-
-
-def load_split(dataset: str, root: str | Path, split: str) -> CIRSplit:
-    try:
-        loader = DATASETS[dataset]
-    except KeyError:
-        raise ValueError(
-            f"unknown dataset {dataset!r}; available: {', '.join(sorted(DATASETS))}"
-        ) from None
-    return loader(Path(root), split)
 
 
 @dataclass
@@ -71,6 +63,21 @@ class Pairs:
     def __len__(self) -> int:
         return len(self.reference)
 
+    def with_text_noise(self, fraction: float, seed: int) -> Pairs:
+        """A copy in which `fraction` of the pairs (chosen with `seed`) carry the text of
+        another pair instead of their own: the label noise of web-sourced modification texts,
+        made to measure how a method copes with it. References and targets are unchanged."""
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"text noise must be a fraction in [0, 1], got {fraction}")
+        generator = torch.Generator().manual_seed(seed)
+        count = round(fraction * len(self))
+        noisy = torch.randperm(len(self), generator=generator)[:count]
+        # Each chosen pair takes the text of a random other pair (never its own index).
+        offsets = torch.randint(1, max(2, len(self)), (count,), generator=generator)
+        text = self.text.clone()
+        text[noisy] = self.text[(noisy + offsets) % len(self)]
+        return replace(self, text=text)
+
     def raw_query(self, p: int) -> RawQuery:
         """Pair p's query before any encoder (for a method's `prepare_query`)."""
         gallery = self.split.gallery
@@ -89,10 +96,12 @@ class FeatureBatch:
     """Cached frozen-backbone features of a batch of triplets.
 
     `text_features` is None when the method trains its text tower: it then encodes `texts`.
+    For a method that `uses_tokens` the query side is `TokenFeatures` (float32, read from the
+    memory-mapped token cache for this batch only).
     """
 
-    reference_features: torch.Tensor  # [b, D]
-    text_features: torch.Tensor | None  # [b, D]
+    reference_features: torch.Tensor | TokenFeatures  # [b, D]
+    text_features: torch.Tensor | TokenFeatures | None  # [b, D]
     target_features: torch.Tensor  # [b, D]
     texts: list[str] | None = None
 
@@ -111,31 +120,35 @@ def to_device(batch: Batch | FeatureBatch, device: torch.device) -> Batch | Feat
 
 @dataclass
 class QueryFeatures:
-    """The query side of the pairs after a method's raw-data stage (`prepare_query`)."""
+    """The query side of the pairs as the method sees it, when that is not the pooled
+    features of `Pairs.images` and `Pairs.texts`: after a method's raw-data stage
+    (`prepare_query`; one row of features per pair), or the token sequences of a method that
+    `uses_tokens` (one row per reference image, rows `reference`)."""
 
-    reference_features: torch.Tensor  # [P, D], row p: features of pair p's prepared image
-    texts: list[str]  # unique prepared texts
+    reference_features: torch.Tensor | TokenStore  # [R, D] (or R token sequences)
+    texts: list[str]  # unique (prepared) texts
     text: torch.Tensor  # [P] int64, row into `texts`
+    reference: torch.Tensor | None = None  # [P] int64, row into reference_features; None: p
 
 
 class FeaturePairs:
     """Batches of triplets from cached features: an index, no image decoding.
 
-    With `queries` (a method that prepares its queries) the reference features and texts are
-    the prepared ones; with `text_features=None` (a method that trains its text tower) the
-    batches carry the texts instead of their features.
+    With `queries` (a method that prepares its queries, or fuses tokens) the reference
+    features and texts are the method's own; with `text_features=None` (a method that trains
+    its text tower) the batches carry the texts instead of their features.
     """
 
     def __init__(
         self,
         pairs: Pairs,
         image_features: torch.Tensor,
-        text_features: torch.Tensor | None,
+        text_features: torch.Tensor | TokenStore | None,
         queries: QueryFeatures | None = None,
     ):
         self.pairs = pairs
         self.image_features = image_features  # [I, D], row i for pairs.images[i]
-        self.text_features = text_features  # [T, D], row t for texts[t]
+        self.text_features = text_features  # [T, D] (or T token sequences), row t: texts[t]
         self.queries = queries
         self.texts = queries.texts if queries else pairs.texts
         self.text_index = queries.text if queries else pairs.text  # [P]
@@ -144,7 +157,8 @@ class FeaturePairs:
         for indices in index_lists:
             rows = torch.tensor(indices)
             if self.queries is not None:
-                references = self.queries.reference_features[rows]
+                index = self.queries.reference
+                references = self.queries.reference_features[rows if index is None else index[rows]]
             else:
                 references = self.image_features[self.pairs.reference[rows]]
             text_rows = self.text_index[rows]

@@ -1,19 +1,14 @@
-"""The training objective: batch contrastive loss of queries against in-batch targets."""
+"""Losses shared by methods and the trainer: the cross-process batch gather, and the soft
+contrastive labels and mutual learning of DWC (any method may use them).
+
+Pure tensor functions: nothing here imports the methods, so a method module can import it.
+"""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
-from torch import nn
-
-from circe.methods.base import Batch, CIRMethod, contrastive_loss
-from circe.train.data import FeatureBatch
-
-# Lower bound on a learned temperature (CLIP caps its logit scale at 100 for the same reason:
-# a vanishing temperature makes the softmax one-hot and the loss unstable).
-MIN_TEMPERATURE = 0.01
+import torch.nn.functional as F
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -47,37 +42,46 @@ def gather_batch(rows: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(rows)
 
 
-class ContrastiveObjective(nn.Module):
-    """method + temperature -> loss. The module the trainer optimises (and DDP wraps).
+# ------------------------------------------------------------------- losses methods may share
 
-    Inputs are pixels (`Batch`) or cached backbone features (`FeatureBatch`, frozen-backbone
-    methods only); both go through the method's own encoders, so the loss is the same.
+
+def same_rows(embeddings: torch.Tensor, tolerance: float = 1e-4) -> torch.Tensor:
+    """`[B, B]` bool: rows that are the same vector (the same target image twice in a batch,
+    e.g. two queries with one target), which a one-hot label would wrongly call negatives."""
+    unit = F.normalize(embeddings, dim=-1)
+    return unit @ unit.T > 1 - tolerance
+
+
+def soft_similarity_labels(
+    targets: torch.Tensor, soft_weight: float, temperature: float | torch.Tensor
+) -> torch.Tensor:
+    """DWC's soft-similarity labels `[B, B]` (rows sum to one) for targets `[B, D]`.
+
+    (1 - w) of each row is the hard label, spread evenly over the batch's copies of the
+    row's own target; w is a softmax of the targets' similarities to each other, so a
+    target that looks like the true one is not punished as a full negative. Noisy texts
+    then pull the query towards a neighbourhood of the target instead of one point.
     """
+    hard = same_rows(targets).float()
+    hard = hard / hard.sum(dim=1, keepdim=True)
+    unit = F.normalize(targets.detach(), dim=-1)
+    soft = torch.softmax(unit @ unit.T / temperature, dim=1)
+    return soft_weight * soft + (1 - soft_weight) * hard
 
-    def __init__(self, method: CIRMethod, temperature: float, learn_temperature: bool):
-        super().__init__()
-        self.method = method
-        log_temperature = torch.tensor(math.log(temperature))
-        if learn_temperature:
-            self.log_temperature = nn.Parameter(log_temperature)
-        else:
-            self.register_buffer("log_temperature", log_temperature)
 
-    @property
-    def temperature(self) -> torch.Tensor:
-        return self.log_temperature.exp().clamp(min=MIN_TEMPERATURE)
+def soft_label_contrastive_loss(
+    queries: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor, temperature
+) -> torch.Tensor:
+    """Cross-entropy of the query-to-target softmax `[B, B]` against label rows `[B, B]`
+    (one-hot labels give `contrastive_loss`)."""
+    logits = queries @ targets.T / temperature
+    return -(labels * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
-    def forward(self, batch: Batch | FeatureBatch) -> torch.Tensor:
-        if isinstance(batch, FeatureBatch):
-            text_features = batch.text_features
-            if text_features is None:  # the method trains its text tower: encode, with grads
-                text_features = self.method.query_text_features(batch.texts)  # [b, D]
-            queries = self.method.encode_queries_from_features(
-                batch.reference_features, text_features
-            )  # [b, D]
-            targets = self.method.encode_targets_from_features(batch.target_features)  # [b, D]
-        else:
-            queries = self.method.encode_queries(batch.reference_pixels, batch.texts)
-            targets = self.method.encode_targets(batch.target_pixels)
-        # [B, D] each, B = b * processes: every query sees the targets of the global batch.
-        return contrastive_loss(gather_batch(queries), gather_batch(targets), self.temperature)
+
+def mutual_learning_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor
+) -> torch.Tensor:
+    """KL(teacher || student) of two query-to-target softmaxes `[B, B]`; the teacher is not
+    trained by it (deep mutual learning: two models of the same queries teach each other)."""
+    teacher = torch.softmax(teacher_logits.detach(), dim=1)
+    return F.kl_div(F.log_softmax(student_logits, dim=1), teacher, reduction="batchmean")

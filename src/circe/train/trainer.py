@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from circe.backbones import load_backbone
 from circe.eval.evaluate import evaluate
 from circe.methods import CIRMethod, FrozenBackboneMethod, create_method, list_methods, method_class
+from circe.methods.base import TrainingState
 from circe.progress import track
 from circe.train.cache import (
     FeatureCache,
@@ -32,8 +33,10 @@ from circe.train.cache import (
     compute_prepared_queries,
     compute_text_features,
     image_items,
+    image_token_batches,
     prepared_query_items,
     prepared_query_what,
+    text_token_batches,
 )
 from circe.train.checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT
 from circe.train.checkpoint import load_checkpoint, save_checkpoint
@@ -47,7 +50,7 @@ from circe.train.data import (
     load_split,
     to_device,
 )
-from circe.train.losses import ContrastiveObjective
+from circe.train.objective import ContrastiveObjective
 from circe.train.runlog import RunLog
 
 SELECTION_KS = (1, 10, 50)
@@ -165,6 +168,8 @@ class Trainer:
 
         self.train_split = load_split(config.dataset, config.root, "train")
         self.pairs = Pairs.from_split(self.train_split)
+        if config.text_noise:
+            self.pairs = self.pairs.with_text_noise(config.text_noise, config.seed)
         self.eval_split = (
             load_split(config.dataset, config.root, config.eval_split)
             if config.eval_every
@@ -203,20 +208,31 @@ class Trainer:
         cache = FeatureCache(self.config.cache_dir)
         progress = track if self.show_progress else _no_progress
         gallery, batch = self.train_split.gallery, self.config.eval_batch_size
-        hits, entries = 0, 0
+        hits, entries, disk = 0, 0, 0
+        if prepare is not None and method.uses_tokens:
+            raise NotImplementedError(
+                f"{method.name}: the feature cache holds no token sequences of prepared "
+                "queries; train this method with feature_cache: false"
+            )
 
-        def cached(what: str, items: list, compute) -> torch.Tensor:
-            nonlocal hits, entries
+        def cached(what: str, items: list, compute, tokens: bool = False):
+            """The entry's features (`TokenStore` for `tokens`), computed if missing."""
+            nonlocal hits, entries, disk
             key, fields = cache.key(method.backbone, what, items)
+            load = cache.load_tokens if tokens else cache.load
             # The main process computes and stores a missing entry; the others wait, then read.
-            found = cache.load(key) if self.is_main else None
+            found = load(key) if self.is_main else None
             hits += found is not None
             entries += 1
             if self.is_main and found is None:
-                found = compute()
-                cache.store(key, fields, found)
+                if tokens:  # streamed to disk batch by batch, then read back memory-mapped
+                    cache.store_tokens(key, fields, compute())
+                else:
+                    found = compute()
+                    cache.store(key, fields, found)
             self.accelerator.wait_for_everyone()
-            return found if found is not None else cache.load(key)
+            disk += cache.size(key)
+            return found if found is not None else load(key)
 
         images = cached(
             "image:pooled",
@@ -251,18 +267,40 @@ class Trainer:
             index = [rows.setdefault(t, len(rows)) for t in prepared["texts"]]
             texts = list(rows)
             queries = QueryFeatures(references, texts, torch.tensor(index, dtype=torch.int64))
+        elif method.uses_tokens:
+            # The query side fuses the reference images' patch tokens: only those images'
+            # sequences are cached (targets stay pooled), about a quarter of the synthetic
+            # benchmark's training images.
+            rows = self.pairs.reference.unique()  # sorted rows into pairs.images
+            ids = [self.pairs.images[r] for r in rows.tolist()]
+            references = cached(
+                "image:tokens",
+                image_items(gallery, ids),
+                lambda: image_token_batches(
+                    method, gallery, ids, batch, self.config.workers, progress
+                ),
+                tokens=True,
+            )
+            reference = torch.searchsorted(rows, self.pairs.reference)  # [P] row per pair
+            queries = QueryFeatures(references, texts, self.pairs.text, reference)
         text_features = None
-        if not method.trains_text_tower:
+        if method.uses_tokens and not method.trains_text_tower:
             text_features = cached(
-                "text:pooled",
+                "text:tokens",
                 texts,
-                lambda: compute_text_features(method, texts, batch, progress),
+                lambda: text_token_batches(method, texts, batch, progress),
+                tokens=True,
+            )
+        elif not method.trains_text_tower:
+            text_features = cached(
+                "text:pooled", texts, lambda: compute_text_features(method, texts, batch, progress)
             )
         self.cache_report = {
             "used": True,
             "dir": str(cache.root),
             "hits": hits,  # entries found
-            "entries": entries,  # entries needed (images, prepared queries, texts)
+            "entries": entries,  # entries needed (images, prepared queries or tokens, texts)
+            "disk_mb": round(disk / 2**20, 2),  # of those entries
             "seconds": round(time.time() - started, 3),
         }
         return FeaturePairs(self.pairs, images, text_features, queries)
@@ -374,6 +412,7 @@ class Trainer:
                 micro_batches = [m for step in plan[position.step_in_epoch :] for m in step]
                 batches = self.source.batches(micro_batches, config.workers)
                 for _ in range(position.step_in_epoch, len(plan)):
+                    self.objective.state = TrainingState(position.global_step, self.total_steps)
                     loss, grad_norm, lr = self._step(batches)
                     position.global_step += 1
                     position.step_in_epoch += 1
@@ -416,6 +455,8 @@ class Trainer:
                     loss = self.model(batch) / config.grad_accum_steps
                 accelerator.backward(loss)
             total += loss.item()
+        for parameter in self.method.resting_parameters(self.objective.state):
+            parameter.grad = None  # the optimizer skips parameters without a gradient
         grad_norm = math.nan
         if config.max_grad_norm is not None:
             norm = accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)

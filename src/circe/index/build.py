@@ -1,0 +1,230 @@
+"""`circe index`: embed every image of a folder into an index space, incrementally.
+
+A run compares the folder with the committed space (by relative path, size and mtime):
+unchanged images keep their vectors, new and changed ones are embedded, deleted ones are
+dropped. Embedding is reader -> encoder -> writer: a DataLoader decodes and preprocesses
+images (in worker processes when asked), the method's `encode_targets` embeds a batch, and
+finished vectors go to pending shards (`circe.index.pending`) so that an interrupted run
+resumes where it stopped. An image that does not decode is skipped and listed in the
+report; it never stops the run. The new generation is committed atomically at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from circe.data.types import load_rgb
+from circe.index.engine import EngineOptions, build_engine
+from circe.index.files import Failure, ImageFile, scan_images
+from circe.index.identity import MethodIdentity, MethodSource, identity_of
+from circe.index.pending import PendingRun
+from circe.index.store import (
+    IndexSpace,
+    IndexStoreError,
+    check_space_name,
+    commit_space,
+    index_lock,
+    open_space,
+    read_manifest,
+    write_json_atomic,
+)
+from circe.methods.base import CIRMethod
+from circe.progress import Progress, no_progress
+
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass
+class IndexReport:
+    """What one run did; written to `SPACE/report.json` and printed by `circe index`."""
+
+    index: str
+    space: str
+    images: int = 0  # in the committed space after the run
+    unchanged: int = 0  # vectors kept from the previous generation
+    resumed: int = 0  # vectors taken from an interrupted run's shards
+    embedded: int = 0  # images embedded by this run
+    added: int = 0  # of the images indexed now, those the previous generation lacked
+    changed: int = 0  # ... and those whose file changed since it
+    removed: int = 0  # images of the previous generation no longer on disk
+    failed: list[Failure] = field(default_factory=list)
+    engine: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Images(Dataset):
+    """Decoded, preprocessed images; a file that does not decode yields its error instead."""
+
+    def __init__(self, root: Path, files: list[ImageFile], preprocess):
+        self.root, self.files, self.preprocess = root, files, preprocess
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return position, self.preprocess(load_rgb(self.root / self.files[position].path)), None
+        # User files can fail to decode in any way Pillow knows (truncated data, decompression
+        # bombs, unsupported modes): each is reported, none may stop the run.
+        except Exception as error:  # noqa: BLE001
+            return position, None, f"{type(error).__name__}: {error}"
+
+
+def _collate(items):
+    """-> (positions that decoded, their pixels `[b, 3, H, W]` or None, [(position, error)])."""
+    good = [(position, pixels) for position, pixels, _ in items if pixels is not None]
+    bad = [(position, error) for position, _, error in items if error is not None]
+    pixels = torch.stack([p for _, p in good]) if good else None
+    return [position for position, _ in good], pixels, bad
+
+
+def _committed(
+    index_dir: Path, space: str, identity: MethodIdentity, root: Path
+) -> IndexSpace | None:
+    """The committed space, after checking it indexes the same folder with the same method
+    (None when the space does not exist yet)."""
+    manifest = read_manifest(index_dir)
+    if manifest is None:
+        return None
+    if Path(manifest["root"]) != root.resolve():
+        raise IndexStoreError(
+            f"{index_dir} indexes {manifest['root']}, not {root.resolve()}: give the index of "
+            "this folder another --out"
+        )
+    if space not in manifest["spaces"]:
+        return None
+    committed = open_space(index_dir, space)
+    if committed.identity.differences(identity):
+        raise IndexStoreError(
+            f"space {space!r} of {index_dir} holds vectors of {committed.identity.describe()}, "
+            f"not of {identity.describe()}: choose another --space for this method (one "
+            "gallery can hold several), or delete the space directory to rebuild it"
+        )
+    return committed
+
+
+def _embed(
+    method: CIRMethod,
+    root: Path,
+    files: list[ImageFile],
+    pending: PendingRun,
+    batch_size: int,
+    workers: int,
+    shard_size: int,
+    progress: Progress,
+) -> tuple[dict[str, np.ndarray], list[Failure]]:
+    """Embed `files`; every `shard_size` vectors (and whatever is done when the run stops,
+    however it stops) are written to `pending` before anything else can go wrong."""
+    loader = DataLoader(
+        _Images(root, files, method.backbone.preprocess),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+    )
+    device = method.backbone.device
+    vectors: dict[str, np.ndarray] = {}
+    failures: list[Failure] = []
+    buffer: list[tuple[ImageFile, np.ndarray]] = []
+
+    def flush() -> None:
+        if buffer:
+            pending.write([f for f, _ in buffer], np.stack([v for _, v in buffer]))
+            buffer.clear()
+
+    try:
+        batches = progress(loader, len(loader), "embedding")
+        for positions, pixels, bad in batches:
+            failures += [Failure(files[p].path, error) for p, error in bad]
+            if pixels is None:
+                continue
+            with torch.no_grad():
+                embedded = method.encode_targets(pixels.to(device)).float().cpu().numpy()
+            for position, vector in zip(positions, embedded, strict=True):  # vector: [D]
+                vectors[files[position].path] = vector
+                buffer.append((files[position], vector))
+            if len(buffer) >= shard_size:
+                flush()
+    finally:
+        flush()
+    return vectors, failures
+
+
+def build_index(
+    root: Path,
+    index_dir: Path,
+    method: CIRMethod,
+    source: MethodSource,
+    space: str | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    dtype: str = "float32",
+    shard_size: int = 1024,
+    engine_options: EngineOptions | None = None,
+    progress: Progress = no_progress,
+) -> IndexReport:
+    """Bring the space `space` (default: the method's name) of `index_dir` up to date with
+    the images under `root`; returns what was done."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    started = time.time()
+    root, index_dir = Path(root), Path(index_dir)
+    method.eval()
+    identity = identity_of(method, source)
+    space = check_space_name(space or identity.method)
+    report = IndexReport(index=str(index_dir), space=space)
+    with index_lock(index_dir):
+        files, report.failed = scan_images(root)
+        committed = _committed(index_dir, space, identity, root)
+        previous = {} if committed is None else committed.vectors_by_path()
+        pending = PendingRun(index_dir / space, identity)
+        resumable = pending.load()
+        vectors: dict[str, np.ndarray] = {}
+        todo, resumed = [], set()
+        for file in files:
+            kept = previous.get(file.path)
+            halfway = resumable.get(file.path)
+            if kept is not None and kept[0].same_file(file.size, file.mtime_ns):
+                vectors[file.path] = kept[1]
+            elif halfway is not None and halfway[0].same_file(file.size, file.mtime_ns):
+                vectors[file.path] = halfway[1]
+                resumed.add(file.path)
+            else:
+                todo.append(file)
+        embedded, failures = _embed(
+            method, root, todo, pending, batch_size, workers, shard_size, progress
+        )
+        vectors.update(embedded)
+        indexed = [f for f in files if f.path in vectors]
+        fresh = resumed | set(embedded)
+        report.failed += failures
+        report.images, report.embedded, report.resumed = len(indexed), len(embedded), len(resumed)
+        report.unchanged = len(indexed) - len(fresh)
+        report.changed = len(fresh & set(previous))
+        report.added = len(fresh) - report.changed
+        report.removed = len(set(previous) - {f.path for f in indexed})
+        if not indexed:
+            raise IndexStoreError(
+                f"no image under {root} could be indexed "
+                f"({len(report.failed)} unreadable): nothing to search"
+            )
+        if committed is None or fresh or report.removed or committed.embeddings.dtype != dtype:
+            matrix = np.stack([vectors[f.path] for f in indexed]).astype(DTYPES[dtype])  # [N, D]
+            engine = build_engine(matrix, engine_options)
+            commit_space(index_dir, root, space, identity, indexed, matrix, engine.save)
+            report.engine = {"kind": engine.choice.kind, "reason": engine.choice.reason}
+        else:  # nothing changed: the committed generation stays as it is
+            report.engine = {k: committed.engine[k] for k in ("kind", "reason")}
+        pending.clear()
+        report.seconds = round(time.time() - started, 2)
+        write_json_atomic(index_dir / space / "report.json", report.to_json())
+    return report

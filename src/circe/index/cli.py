@@ -1,0 +1,172 @@
+"""`circe index` and `circe search`: the command bodies (registered in `circe.cli`).
+
+`circe.cli` imports this module, so the CLI helpers are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DEFAULT_INDEX_NAME = ".circe-index"  # inside the image folder; hidden, so never scanned
+
+_METHOD_HELP = "Method name (see `circe methods`), e.g. sum."
+_CHECKPOINT_HELP = "A trained method: RUN_DIR/best of `circe train`."
+_BACKBONE_HELP = "default | open_clip:ARCH (with --weights FILE) | hf:MODEL_DIR"
+# Every error a user can cause here (bad path, bad index, wrong method, empty text) is one.
+_USER_ERRORS = (OSError, ValueError)
+
+
+def _method_and_source(
+    method: str | None, checkpoint: Path | None, backbone: str, weights: Path | None
+):
+    """Load the method the flags name -> (method, `MethodSource` to record)."""
+    from circe.cli import _fail, _load_checkpoint, _load_method
+    from circe.index.identity import MethodSource
+
+    if checkpoint is not None:
+        return _load_checkpoint(checkpoint), MethodSource(checkpoint=str(checkpoint))
+    if method is None:
+        raise _fail("name a --method (e.g. sum) or a trained --checkpoint RUN_DIR/best")
+    source = MethodSource(method, backbone, None if weights is None else str(weights))
+    return _load_method(method, backbone, weights), source
+
+
+def index_command(
+    path: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    method: Annotated[str | None, typer.Option(help=_METHOD_HELP)] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help=_CHECKPOINT_HELP)] = None,
+    out: Annotated[
+        Path | None, typer.Option(help=f"Index directory (default: PATH/{DEFAULT_INDEX_NAME}).")
+    ] = None,
+    space: Annotated[
+        str | None, typer.Option(help="Embedding space name (default: the method's name).")
+    ] = None,
+    backbone: Annotated[str, typer.Option(help=_BACKBONE_HELP)] = "default",
+    weights: Annotated[Path | None, typer.Option(help="Local backbone weights file.")] = None,
+    batch_size: int = 64,
+    workers: Annotated[int, typer.Option(help="Image decoding worker processes.")] = 0,
+    dtype: Annotated[str, typer.Option(help="Stored vectors: float32 or float16.")] = "float32",
+    exact_below: Annotated[
+        int, typer.Option(help="Exact search below this many images, approximate above.")
+    ] = 100_000,
+    approximate: Annotated[
+        str, typer.Option(help="The approximate index above --exact-below: ivf or hnsw.")
+    ] = "ivf",
+) -> None:
+    """Embed every image under PATH into an index (only new or changed images on re-runs;
+    an interrupted run resumes)."""
+    from rich.table import Table
+
+    from circe.cli import _fail, console
+    from circe.index.build import build_index
+    from circe.index.engine import EngineOptions
+    from circe.progress import track
+
+    model, source = _method_and_source(method, checkpoint, backbone, weights)
+    index_dir = out or path / DEFAULT_INDEX_NAME
+    try:
+        report = build_index(
+            path,
+            index_dir,
+            model,
+            source,
+            space=space,
+            batch_size=batch_size,
+            workers=workers,
+            dtype=dtype,
+            engine_options=EngineOptions(exact_below=exact_below, approximate=approximate),
+            progress=track,
+        )
+    except _USER_ERRORS as error:
+        raise _fail(str(error)) from None
+    except KeyboardInterrupt:
+        console.print(
+            "[yellow]interrupted:[/] the last committed index is unchanged and the images "
+            "embedded so far are kept; run the same command again to resume"
+        )
+        raise typer.Exit(code=130) from None
+    table = Table(title=f"{index_dir} · space {report.space!r}", show_header=False)
+    counts = {
+        "images indexed": report.images,
+        "unchanged (kept)": report.unchanged,
+        "embedded now": report.embedded,
+        "resumed from an interrupted run": report.resumed,
+        "added / changed": f"{report.added} / {report.changed}",
+        "removed (deleted files)": report.removed,
+        "unreadable (skipped)": len(report.failed),
+    }
+    for name, value in counts.items():
+        table.add_row(name, str(value))
+    console.print(table)
+    console.print(f"search engine: {report.engine['reason']}")
+    for failure in report.failed[:20]:
+        console.print(f"[yellow]skipped[/] {failure.path}: {failure.error}")
+    if len(report.failed) > 20:
+        console.print(f"... and {len(report.failed) - 20} more")
+    report_file = index_dir / report.space / "report.json"
+    console.print(f"done in {report.seconds:.1f}s; report: {report_file}")
+
+
+def search_command(
+    index: Annotated[Path, typer.Option(help="Index directory made by `circe index`.")],
+    image: Annotated[
+        str, typer.Option(help="Reference: an image file, or a gallery image's id or path.")
+    ],
+    text: Annotated[str, typer.Option(help="How the wanted image differs from the reference.")],
+    k: Annotated[int, typer.Option("-k", "--k", help="How many results.")] = 10,
+    space: Annotated[str | None, typer.Option(help="Embedding space (if several).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    explain: Annotated[bool, typer.Option(help="Also print the method's internals.")] = False,
+    method: Annotated[
+        str | None, typer.Option(help="Check the index was built with this method.")
+    ] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help=_CHECKPOINT_HELP)] = None,
+    backbone: Annotated[str, typer.Option(help=_BACKBONE_HELP)] = "default",
+    weights: Annotated[Path | None, typer.Option(help="Local backbone weights file.")] = None,
+) -> None:
+    """Rank the indexed images for a reference image changed as TEXT says."""
+    from rich.table import Table
+
+    from circe.cli import _fail, console
+    from circe.index.search import IndexSearcher
+
+    given, source = (None, None)
+    if method is not None or checkpoint is not None:
+        given, source = _method_and_source(method, checkpoint, backbone, weights)
+    try:
+        searcher = IndexSearcher(index, space, given, source)
+        reference = searcher.resolve_reference(image)
+        hits = searcher.search(reference, text, k)
+        explanation = searcher.explain(reference, text) if explain else None
+    except _USER_ERRORS as error:
+        raise _fail(str(error)) from None
+    if json_out:
+        record = {
+            "index": str(index),
+            "space": searcher.space.name,
+            "method": searcher.space.identity.to_json(),
+            "reference": {"image": image, "id": reference.id, "path": reference.path},
+            "text": text.strip(),
+            "results": [{**vars(hit), "file": str(searcher.root / hit.path)} for hit in hits],
+        }
+        if explanation is not None:
+            record["explain"] = explanation
+        typer.echo(json.dumps(record, indent=2))
+        return
+    table = Table(title=f"{image} + {text.strip()!r}")
+    table.add_column("#", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("path")
+    table.add_column("id")
+    for hit in hits:
+        table.add_row(str(hit.rank), f"{hit.score:.4f}", str(searcher.root / hit.path), hit.id)
+    console.print(table)
+    if explanation is not None:
+        if explanation:
+            console.print_json(json.dumps(explanation))
+        else:
+            console.print(f"method {searcher.method.name!r} has no internals to explain")

@@ -1,0 +1,77 @@
+"""Finding the images of a folder, and what tells a changed file from an unchanged one."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# What Pillow decodes out of the box (gif: the first frame is indexed).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+
+
+@dataclass(frozen=True, order=True)
+class ImageFile:
+    """One image file of a gallery, as the index sees it.
+
+    `path` is relative to the gallery root with `/` separators, so an index stays valid when
+    the folder is moved; `size` and `mtime_ns` are how a re-index notices a changed file
+    without reading it.
+    """
+
+    path: str
+    size: int
+    mtime_ns: int
+
+    @property
+    def id(self) -> str:
+        return image_id(self.path)
+
+    def same_file(self, size: int, mtime_ns: int) -> bool:
+        return (self.size, self.mtime_ns) == (size, mtime_ns)
+
+
+def image_id(relative_path: str) -> str:
+    """A short, stable, URL-safe id for a gallery image: a hash of its relative path.
+
+    The id survives re-indexing (a changed file keeps its id, its embedding is replaced), and
+    every embedding space built over the same folder names an image by the same id.
+    """
+    return hashlib.sha1(relative_path.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An image that could not be indexed, and why (for the report)."""
+
+    path: str
+    error: str
+
+
+def scan_images(root: Path) -> tuple[list[ImageFile], list[Failure]]:
+    """Every image file under `root`, recursively, sorted by path; and the image-named
+    entries that cannot even be stat'ed (a broken link), for the report.
+
+    Hidden entries (a leading dot, e.g. the default `.circe-index` folder) are skipped, and
+    so are symbolic links to directories (they can loop). Image files are recognised by
+    suffix, case-insensitively; whether they decode is found out when they are embedded.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    found, failed = [], []
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for name in names:
+            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            full = Path(directory) / name
+            relative = full.relative_to(root).as_posix()
+            try:
+                stat = full.stat()
+            except OSError as error:
+                failed.append(Failure(relative, f"cannot stat: {error.strerror or error}"))
+                continue
+            found.append(ImageFile(relative, stat.st_size, stat.st_mtime_ns))
+    return sorted(found), sorted(failed, key=lambda f: f.path)

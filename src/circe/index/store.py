@@ -1,0 +1,224 @@
+"""The index directory on disk: one gallery, one or more embedding spaces, atomic commits.
+
+    INDEX_DIR/
+      index.json                 manifest: format, gallery root, space -> committed generation
+      .lock                      held by the one process that writes the index
+      SPACE/                     one embedding space (a method's vectors of every image)
+        gen-<n>-<token>/         a committed generation, never modified once committed
+          identity.json          the method that made the vectors (`circe.index.identity`)
+          rows.jsonl             row i: {"id", "path", "size", "mtime_ns"}
+          embeddings.npy         [N, D] unit vectors, float32 or float16
+          engine.json            the search structure, its parameters and why (+ engine.faiss)
+        pending/                 shards of an unfinished run, for resuming it (`PendingRun`)
+        report.json              what the last finished run did, unreadable files included
+
+A gallery holds several spaces when several methods index it (a fusion of methods, such as
+DAFM, searches each member's space and combines the ranked ids, which every space shares:
+an id is a hash of the image's relative path). A run writes a new generation beside the
+old one and then replaces `index.json` with `os.replace`, so a reader, or a crash at any
+moment, sees either the old index or the new one, whole. Generations no manifest names are
+removed afterwards.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from circe.index.files import ImageFile
+from circe.index.identity import MethodIdentity
+from circe.train.atomic import fsync_path
+
+FORMAT_VERSION = 1
+MANIFEST = "index.json"
+_SPACE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class IndexStoreError(ValueError):
+    """An index directory is missing, of another format, or lacks the space asked for."""
+
+
+def check_space_name(name: str) -> str:
+    """Space names are directory names: letters, digits, '.', '_', '-'."""
+    if not _SPACE_NAME.match(name):
+        raise IndexStoreError(
+            f"invalid space name {name!r}: use letters, digits, '.', '_' and '-' "
+            "(at most 64 characters, not starting with a dot)"
+        )
+    return name
+
+
+def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
+    """Write JSON beside `path`, flush it to disk, then rename it over `path`."""
+    temporary = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
+    temporary.write_text(json.dumps(record, indent=2))
+    fsync_path(temporary)
+    os.replace(temporary, path)
+    fsync_path(path.parent)
+
+
+def read_manifest(index_dir: Path) -> dict[str, Any] | None:
+    """The manifest of `index_dir`, or None where no index was ever committed there."""
+    path = Path(index_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT_VERSION:
+        raise IndexStoreError(
+            f"{path} is an index of another format ({manifest.get('format')}); "
+            f"this circe reads format {FORMAT_VERSION}: rebuild it with `circe index`"
+        )
+    return manifest
+
+
+@contextmanager
+def index_lock(index_dir: Path) -> Iterator[None]:
+    """Hold the index's write lock: two runs writing one index would lose each other's work."""
+    index_dir.mkdir(parents=True, exist_ok=True)
+    with (index_dir / ".lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IndexStoreError(
+                f"another `circe index` is writing {index_dir}; wait for it to finish"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@dataclass
+class IndexSpace:
+    """One committed embedding space: row i of `embeddings` is the image `files[i]`."""
+
+    name: str
+    root: Path  # the gallery folder the paths are relative to
+    directory: Path  # the generation directory
+    identity: MethodIdentity
+    files: list[ImageFile]
+    embeddings: np.ndarray  # [N, D]
+    engine: dict[str, Any] = field(default_factory=dict)  # engine.json
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @cached_property
+    def rows(self) -> dict[str, int]:
+        """Image id -> row."""
+        return {file.id: row for row, file in enumerate(self.files)}
+
+    @cached_property
+    def rows_by_path(self) -> dict[str, int]:
+        """Relative path -> row."""
+        return {file.path: row for row, file in enumerate(self.files)}
+
+    def vectors_by_path(self) -> dict[str, tuple[ImageFile, np.ndarray]]:
+        """Relative path -> (the file as it was embedded, its vector `[D]`)."""
+        return {file.path: (file, self.embeddings[row]) for row, file in enumerate(self.files)}
+
+
+def space_names(index_dir: Path) -> list[str]:
+    manifest = read_manifest(index_dir)
+    return sorted(manifest["spaces"]) if manifest else []
+
+
+def open_space(index_dir: Path, space: str | None = None, mmap: bool = False) -> IndexSpace:
+    """Load a committed space; `space=None` picks the index's only space."""
+    index_dir = Path(index_dir)
+    manifest = read_manifest(index_dir)
+    if manifest is None:
+        raise IndexStoreError(
+            f"no index at {index_dir} (no {MANIFEST}): build one with "
+            f"`circe index IMAGE_FOLDER --method METHOD --out {index_dir}`"
+        )
+    spaces = manifest["spaces"]
+    if space is None:
+        if len(spaces) != 1:
+            raise IndexStoreError(
+                f"{index_dir} holds several embedding spaces ({', '.join(sorted(spaces))}): "
+                "name one with --space"
+            )
+        space = next(iter(spaces))
+    if space not in spaces:
+        raise IndexStoreError(
+            f"{index_dir} has no space {space!r}; it has: {', '.join(sorted(spaces)) or 'none'}"
+        )
+    directory = index_dir / spaces[space]["generation"]
+    identity = MethodIdentity.from_json(json.loads((directory / "identity.json").read_text()))
+    with (directory / "rows.jsonl").open() as lines:
+        rows = [json.loads(line) for line in lines]
+    files = [ImageFile(row["path"], row["size"], row["mtime_ns"]) for row in rows]
+    embeddings = np.load(directory / "embeddings.npy", mmap_mode="r" if mmap else None)
+    engine = json.loads((directory / "engine.json").read_text())
+    return IndexSpace(space, Path(manifest["root"]), directory, identity, files, embeddings, engine)
+
+
+def commit_space(
+    index_dir: Path,
+    root: Path,
+    space: str,
+    identity: MethodIdentity,
+    files: list[ImageFile],
+    embeddings: np.ndarray,
+    write_engine: Callable[[Path], dict[str, Any]],
+) -> Path:
+    """Write a new generation of `space` and make it the committed one, atomically.
+
+    `write_engine(directory)` saves the search structure into the generation directory and
+    returns what the manifest should say about it. The caller holds `index_lock`.
+    """
+    index_dir = Path(index_dir)
+    manifest = read_manifest(index_dir) or {
+        "format": FORMAT_VERSION,
+        "root": str(Path(root).resolve()),
+        "spaces": {},
+    }
+    space_dir = index_dir / space
+    space_dir.mkdir(parents=True, exist_ok=True)
+    previous = manifest["spaces"].get(space, {}).get("number", 0)
+    name = f"gen-{previous + 1:06d}-{uuid.uuid4().hex[:8]}"
+    staging = space_dir / f".tmp-{name}"
+    staging.mkdir()
+    try:
+        (staging / "identity.json").write_text(json.dumps(identity.to_json(), indent=2))
+        with (staging / "rows.jsonl").open("w") as out:
+            for file in files:
+                row = {"id": file.id, "path": file.path, "size": file.size}
+                out.write(json.dumps({**row, "mtime_ns": file.mtime_ns}) + "\n")
+        np.save(staging / "embeddings.npy", embeddings)
+        engine = write_engine(staging)
+        (staging / "engine.json").write_text(json.dumps(engine, indent=2))
+        for path in staging.iterdir():
+            fsync_path(path)
+        fsync_path(staging)
+        os.rename(staging, space_dir / name)
+        fsync_path(space_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    manifest["spaces"][space] = {
+        "generation": f"{space}/{name}",
+        "number": previous + 1,
+        "images": len(files),
+        "dim": int(embeddings.shape[1]) if embeddings.ndim == 2 else 0,
+        "method": identity.describe(),
+        "engine": engine.get("kind"),
+    }
+    write_json_atomic(index_dir / MANIFEST, manifest)
+    for stale in [*space_dir.glob("gen-*"), *space_dir.glob(".tmp-gen-*")]:
+        if stale.name != name:
+            shutil.rmtree(stale, ignore_errors=True)
+    return space_dir / name

@@ -1,0 +1,1 @@
+"""`circe serve`: the HTTP API and the web page over an index (needs the `serve` extra)."""

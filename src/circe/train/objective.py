@@ -1,0 +1,56 @@
+"""The module the trainer optimises: a method, its temperature, and where training stands."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from circe.methods.base import Batch, CIRMethod, TrainingState
+from circe.train.data import FeatureBatch
+from circe.train.losses import gather_batch
+
+# Lower bound on a learned temperature (CLIP caps its logit scale at 100 for the same reason:
+# a vanishing temperature makes the softmax one-hot and the loss unstable).
+MIN_TEMPERATURE = 0.01
+
+
+class ContrastiveObjective(nn.Module):
+    """method + temperature -> loss. The module the trainer optimises (and DDP wraps).
+
+    Inputs are pixels (`Batch`) or cached backbone features (`FeatureBatch`, frozen-backbone
+    methods only); both go through the method's own encoders, so the loss is the same.
+    """
+
+    def __init__(self, method: CIRMethod, temperature: float, learn_temperature: bool):
+        super().__init__()
+        self.method = method
+        log_temperature = torch.tensor(math.log(temperature))
+        if learn_temperature:
+            self.log_temperature = nn.Parameter(log_temperature)
+        else:
+            self.register_buffer("log_temperature", log_temperature)
+        # Set by the trainer before every optimizer step (losses that change over a run).
+        self.state = TrainingState()
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp().clamp(min=MIN_TEMPERATURE)
+
+    def forward(self, batch: Batch | FeatureBatch) -> torch.Tensor:
+        if isinstance(batch, FeatureBatch):
+            text_features = batch.text_features
+            if text_features is None:  # the method trains its text tower: encode, with grads
+                text_features = self.method.query_text_features(batch.texts)  # [b, D]
+            queries = self.method.encode_queries_from_features(
+                batch.reference_features, text_features
+            )  # [b, D]
+            targets = self.method.encode_targets_from_features(batch.target_features)  # [b, D]
+        else:
+            queries = self.method.encode_queries(batch.reference_pixels, batch.texts)
+            targets = self.method.encode_targets(batch.target_pixels)
+        # [B, D] each, B = b * processes: every query sees the targets of the global batch.
+        return self.method.embedding_loss(
+            gather_batch(queries), gather_batch(targets), self.temperature, self.state
+        )
