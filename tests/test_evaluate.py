@@ -66,3 +66,27 @@ def test_bad_splits_are_refused(tiny_backbone, test_split):
     )
     with pytest.raises(DatasetFormatError, match="no-such-image"):
         broken.check()
+
+
+@pytest.mark.parametrize("name", ["combiner", "dwc"])
+def test_reused_gallery_features_score_like_the_pixel_path(
+    name, tiny_backbone, test_split, monkeypatch
+):
+    """A frozen image tower's gallery features are computed once per method and reused (the
+    trainer validates every epoch); the scores equal encoding every image and query anew."""
+    import torch
+
+    from circe.eval import evaluate as evaluation
+
+    torch.manual_seed(0)
+    method = create_method(name, tiny_backbone).eval()
+    reused = evaluation.score_matrix(method, test_split)
+    gallery = evaluation.encode_gallery(method, test_split)
+    queries = evaluation.encode_queries(method, test_split.queries, test_split)
+    torch.testing.assert_close(reused, queries @ gallery.T, atol=1e-5, rtol=1e-5)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the gallery was decoded again")
+
+    monkeypatch.setattr(evaluation, "image_batches", no_decoding)
+    torch.testing.assert_close(evaluation.score_matrix(method, test_split), reused)

@@ -57,7 +57,9 @@ def test_healthz_and_docs(client):
         "method": "sum",
         "backbone": health["backbone"],
         "engine": "flat",
+        "batching": health["batching"],
     }
+    assert health["batching"]["max_batch"] == 32
     assert "/search" in client.get("/openapi.json").json()["paths"]
     assert client.get("/docs").status_code == 200
     page = client.get("/")
@@ -98,6 +100,7 @@ def test_images_thumbnails_and_gallery(client, gallery, ids):
 
 def test_bad_inputs_are_4xx_with_a_message(client, ids):
     huge = png_bytes(Image.new("RGB", (1200, 1000), "white"))  # small file, many pixels
+    sliver = png_bytes(Image.new("RGB", (4000, 1), "white"))  # preprocessing would upscale it
     noise = Image.frombytes("RGB", (400, 400), random.Random(0).randbytes(400 * 400 * 3))
     cases = {
         "not an image": ({"text": "red"}, {"image": ("x.png", b"hello", "image/png")}, 400),
@@ -108,6 +111,7 @@ def test_bad_inputs_are_4xx_with_a_message(client, ids):
             413,
         ),
         "too many pixels": ({"text": "red"}, {"image": ("h.png", huge, "image/png")}, 413),
+        "a sliver": ({"text": "red"}, {"image": ("s.png", sliver, "image/png")}, 422),
         "empty text": ({"text": "", "id": ids[0]}, None, 422),
         "blank text": ({"text": "   ", "id": ids[0]}, None, 422),
         "no text": ({"id": ids[0]}, None, 422),

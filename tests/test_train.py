@@ -325,3 +325,30 @@ def test_two_cpu_processes_follow_the_one_process_trajectory(config, tmp_path):
     for name in expected:
         # Adam divides by sqrt(v): float noise in near-zero gradients moves weights by ~1e-5.
         torch.testing.assert_close(got[name], expected[name], atol=1e-4, rtol=1e-3)
+
+
+def test_training_on_a_published_layout_with_a_protocol_preset(tiny_weights, tmp_path):
+    """`circe train --dataset fashioniq` on files in FashionIQ's own layout, under the DQU-CIR
+    preset (its caption join and spelling fixes), records the preset with the run."""
+    from benchmark_fixtures import write_fashioniq
+
+    arch, weights = tiny_weights
+    config = TrainConfig(
+        method="combiner",
+        dataset="fashioniq",
+        root=str(write_fashioniq(tmp_path / "fashioniq")),
+        protocol="dqu-cir",
+        backbone=f"open_clip:{arch}",
+        backbone_weights=str(weights),
+        cache_dir=str(tmp_path / "cache"),
+        epochs=2,
+        batch_size=3,
+        warmup_steps=1,
+        eval_split="val",
+        test_splits=["val"],
+    )
+    result = train(config, tmp_path / "run", progress=False)
+    assert set(result.results["test"]["val"]) >= {"R@1", "R@10", "R@50"}
+    assert load_checkpoint(tmp_path / "run").info["train_config"]["protocol"] == "dqu-cir"
+    with pytest.raises(ValueError, match="preset"):
+        train(config.replace(protocol="nonsense"), tmp_path / "bad", progress=False)

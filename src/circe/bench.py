@@ -86,7 +86,7 @@ def quality(
         record["benchmark"] = json.loads(meta.read_text())
     backbone = load_backbone(base.backbone, base.backbone_weights)
     record["backbone"] = backbone.identity.short()
-    splits = {split: load_split(base.dataset, base.root, split) for split in TEST_SPLITS}
+    splits = {split: load_split(base.dataset, base.root, split, base.protocol) for split in TEST_SPLITS}
     for name in names:
         if not method_class(name).trainable:
             method = create_method(name, backbone)

@@ -15,6 +15,7 @@ from rich.table import Table
 from circe.index.cli import index_command, search_command
 from circe.pretrain import PretrainConfig
 from circe.progress import track
+from circe.pseudo_targets.cli import pseudo_targets_command
 from circe.serve.cli import serve_command
 
 if TYPE_CHECKING:
@@ -501,6 +502,44 @@ def bench_cache_speed(
     console.print((out / "cache_speed.md").read_text())
 
 
+@bench_app.command("fusion")
+def bench_fusion(
+    root: Annotated[Path, typer.Option(help="Data set directory.")] = DEFAULT_SYNTHETIC_ROOT,
+    out: BenchOutOption = Path("benchmarks/results/fusion"),
+    seeds: Annotated[int, typer.Option(help="Training seeds (members and DAFM).")] = 3,
+    member: Annotated[
+        list[str] | None,
+        typer.Option(help="Member methods to train and fuse (default: combiner, dwc, dqu-cir)."),
+    ] = None,
+    random_member: Annotated[
+        bool, typer.Option(help="Also fuse a copy of the first member with random weights.")
+    ] = False,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per training run.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML TrainConfig for every run.")] = None,
+    backbone: BackboneOption = "default",
+    weights: WeightsOption = None,
+    threads: Annotated[int | None, typer.Option(help="Torch CPU threads (0: default).")] = None,
+) -> None:
+    """Train member methods, then DAFM over them; compare DAFM with each member and with
+    equal-weight fusion, and measure its cost; write fusion.json and fusion.md."""
+    from circe.backbones import WeightsNotFoundError
+    from circe.bench_fusion import DEFAULT_MEMBERS, fusion
+
+    try:
+        base = _bench_config(
+            config,
+            root=str(root),
+            epochs=epochs,
+            backbone=backbone,
+            backbone_weights=None if weights is None else str(weights),
+            threads=threads,
+        )
+        fusion(base, out, range(seeds), member or DEFAULT_MEMBERS, random_member, _command_line())
+    except (FileNotFoundError, WeightsNotFoundError, TypeError, ValueError) as error:
+        raise _fail(str(error)) from None
+    console.print((out / "fusion.md").read_text())
+
+
 @app.command()
 def caption(
     model: Annotated[Path, typer.Option(help="Local Hugging Face BLIP / BLIP-2 model directory.")],
@@ -604,6 +643,7 @@ def demo(
 app.command("index")(index_command)
 app.command("search")(search_command)
 app.command("serve")(serve_command)
+app.command("pseudo-targets")(pseudo_targets_command)
 
 
 if __name__ == "__main__":

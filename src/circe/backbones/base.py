@@ -66,6 +66,11 @@ class Backbone(torch.nn.Module, ABC):
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """Strings -> `[B, L]` token ids."""
 
+    def token_strings(self, token_ids: torch.Tensor) -> list[list[str]]:
+        """`[B, L]` ids -> each token as text (explanations name the tokens they weigh).
+        Default, for a tokenizer that cannot say: the ids themselves."""
+        return [[f"#{i}" for i in row] for row in token_ids.tolist()]
+
     @abstractmethod
     def encode_image(self, pixels: torch.Tensor, tokens: bool = False):
         """`[B, 3, H, W]` -> `[B, D]` (or the token triple, see class doc)."""
@@ -75,15 +80,15 @@ class Backbone(torch.nn.Module, ABC):
         """`[B, L]` -> `[B, D]` (or the token triple, see class doc)."""
 
     @torch.no_grad()
-    def token_widths(self) -> tuple[int, int]:
-        """(image, text) width W of the `tokens=True` sequences (methods size their token
-        projections with it). Default: read off one probe forward of each tower."""
+    def token_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(L, W) of the image and of the text `tokens=True` sequences (methods size their
+        token projections with them). Default: read off one probe forward of each tower."""
         size = self.identity.image_size
         _, image_tokens, _ = self.encode_image(
             torch.zeros(1, 3, size, size, device=self.device), tokens=True
         )
         _, text_tokens, _ = self.encode_text(self.tokenize(["a"]).to(self.device), tokens=True)
-        return image_tokens.shape[-1], text_tokens.shape[-1]
+        return tuple(image_tokens.shape[1:]), tuple(text_tokens.shape[1:])
 
     @property
     def embed_dim(self) -> int:

@@ -202,6 +202,9 @@ class HFClipBackbone(Backbone):
             mask = torch.where(is_eos.any(dim=1, keepdim=True), upto_eos, mask)
         return mask
 
+    def token_strings(self, token_ids: torch.Tensor) -> list[list[str]]:
+        return [self._tokenizer.convert_ids_to_tokens(row) for row in token_ids.tolist()]
+
     # -- towers --------------------------------------------------------------------------------
 
     def encode_image(self, pixels: torch.Tensor, tokens: bool = False):

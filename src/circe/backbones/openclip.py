@@ -334,6 +334,13 @@ class OpenClipBackbone(Backbone):
             mask = torch.where(is_eot.any(dim=1, keepdim=True), upto_eot, mask)
         return mask
 
+    def token_strings(self, token_ids: torch.Tensor) -> list[list[str]]:
+        inner = getattr(self._tokenizer, "tokenizer", None)
+        if hasattr(inner, "convert_ids_to_tokens"):  # open_clip's wrapper of an HF tokenizer
+            return [inner.convert_ids_to_tokens(row) for row in token_ids.tolist()]
+        decode = self._tokenizer.decode  # the CLIP BPE: "red</w>" decodes to "red "
+        return [[decode([i]).strip() for i in row] for row in token_ids.tolist()]
+
     # -- towers --------------------------------------------------------------------------------
 
     def encode_image(self, pixels: torch.Tensor, tokens: bool = False):

@@ -43,6 +43,31 @@ def image_batches(
     yield from loader
 
 
+class _Loaded(Dataset):
+    """`load(key)` per key, unprocessed: decoded images or raw queries, for a method that
+    preprocesses its inputs itself (`CIRMethod.encodes_raw_inputs`)."""
+
+    def __init__(self, keys: Sequence, load: Callable):
+        self.keys, self.load = list(keys), load
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int):
+        return self.load(self.keys[index])
+
+
+def loaded_batches(
+    keys: Sequence, load: Callable, batch_size: int = 128, workers: int = 0
+) -> Iterator[list]:
+    """Yield lists of `load(key)` in key order, e.g. `load=gallery.open` for decoded images;
+    the loading runs in `workers` processes."""
+    loader = DataLoader(
+        _Loaded(keys, load), batch_size=batch_size, num_workers=workers, collate_fn=list
+    )
+    yield from loader
+
+
 Prepare = Callable[[RawQuery], tuple[Image.Image, str]]
 
 

@@ -7,7 +7,7 @@ because the font is Pillow's bundled one (no system font lookup).
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -60,8 +60,14 @@ def canonical(objects: Sequence[SceneObject]) -> Scene:
     return scene
 
 
-def render_scene(scene: Scene, size: int = 128, jitter_seed: str | None = None) -> Image.Image:
-    """Draw a scene. `jitter_seed` shifts each object a little inside its cell, reproducibly."""
+def render_scene(
+    scene: Scene,
+    size: int = 128,
+    jitter_seed: str | None = None,
+    palette: Mapping[str, tuple[int, int, int]] = COLOURS,
+) -> Image.Image:
+    """Draw a scene. `jitter_seed` shifts each object a little inside its cell, reproducibly.
+    `palette` maps colour names to RGB (extra names draw off-palette shades)."""
     image = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(image)
     cell = size / GRID
@@ -73,7 +79,7 @@ def render_scene(scene: Scene, size: int = 128, jitter_seed: str | None = None) 
             cx += rng.uniform(-0.08, 0.08) * cell
             cy += rng.uniform(-0.08, 0.08) * cell
         r = (0.40 if obj.size == "large" else 0.22) * cell
-        fill = COLOURS[obj.colour]
+        fill = palette[obj.colour]
         if obj.shape == "circle":
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
         elif obj.shape == "square":

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
-from circe.data.batching import image_batches, query_batches
+from circe.data.batching import image_batches, loaded_batches, query_batches, raw_query
 from circe.data.types import CIRSplit, Query
 from circe.eval.labels import Labels
 from circe.eval.metrics import recall_at_k, top_k
-from circe.methods.base import CIRMethod
+from circe.methods.base import CIRMethod, FrozenBackboneMethod
 from circe.progress import Progress, no_progress
 
 
@@ -35,8 +36,13 @@ def encode_gallery(
     """`[N, D]` target embeddings, row i for `split.gallery.ids[i]`."""
     method.eval()
     ids = split.gallery.ids
-    batches = image_batches(split.gallery, ids, method.backbone.preprocess, batch_size, workers)
     total = -(-len(ids) // batch_size)
+    if method.encodes_raw_inputs:  # decoded images: the method preprocesses them itself
+        images = loaded_batches(ids, split.gallery.open, batch_size, workers)
+        return torch.cat(
+            [method.encode_target_images(b).cpu() for b in progress(images, total, "gallery")]
+        )
+    batches = image_batches(split.gallery, ids, method.backbone.preprocess, batch_size, workers)
     device = method.backbone.device
     return torch.cat(
         [method.encode_targets(b.to(device)).cpu() for b in progress(batches, total, "gallery")]
@@ -54,11 +60,18 @@ def encode_queries(
 ) -> torch.Tensor:
     """`[Q, D]` query embeddings in query order."""
     method.eval()
+    total = -(-len(queries) // batch_size)
+    if method.encodes_raw_inputs:  # raw queries: the method prepares and preprocesses them
+        raw = loaded_batches(
+            queries, partial(raw_query, gallery=split.gallery), batch_size, workers
+        )
+        return torch.cat(
+            [method.encode_raw_queries(b).cpu() for b in progress(raw, total, "queries")]
+        )
     prepare = method.prepare_query if method.prepares_queries else None
     batches = query_batches(
         queries, split.gallery, method.backbone.preprocess, batch_size, workers, prepare
     )
-    total = -(-len(queries) // batch_size)
     device = method.backbone.device
     return torch.cat(
         [
@@ -66,6 +79,77 @@ def encode_queries(
             for pixels, texts in progress(batches, total, "queries")
         ]
     )
+
+
+def _reuses_image_features(method: CIRMethod) -> bool:
+    """Whether the method's image tower is frozen and its queries take the reference image
+    as it is, so a gallery's backbone image features serve both sides for as long as the
+    method lives (its fusion may train; the features under it cannot change)."""
+    return (
+        isinstance(method, FrozenBackboneMethod)
+        and not method.trains_image_tower
+        and not method.prepares_queries
+        and not method.encodes_raw_inputs
+        and not getattr(method, "uses_tokens", False)
+    )
+
+
+@torch.no_grad()
+def frozen_gallery_features(
+    method: CIRMethod,
+    split: CIRSplit,
+    batch_size: int = 128,
+    workers: int = 0,
+    progress: Progress = no_progress,
+) -> torch.Tensor | None:
+    """`[N, D]` backbone image features of the split's gallery, computed once per method and
+    gallery and then kept on the method (validation every epoch decodes no image again);
+    None when the method cannot reuse them, or a query's reference is not in the gallery."""
+    if not _reuses_image_features(method):
+        return None
+    known = split.gallery.paths
+    if any(q.reference_id not in known for q in split.queries):
+        return None
+    memo: dict[tuple, torch.Tensor] = method.__dict__.setdefault("_gallery_features", {})
+    key = (method.backbone.identity.short(), tuple(split.gallery.ids))
+    if key not in memo:
+        method.eval()
+        ids = split.gallery.ids
+        device = method.backbone.device
+        total = -(-len(ids) // batch_size)
+        # The image loader draws a seed from the global RNG; only the first call of a run
+        # loads, so without the fork a resumed run's dropout would differ from an
+        # uninterrupted one's.
+        with torch.random.fork_rng(devices=[]):
+            batches = image_batches(
+                split.gallery, ids, method.backbone.preprocess, batch_size, workers
+            )
+            memo[key] = torch.cat(
+                [
+                    method.backbone_image_features(b.to(device)).cpu()
+                    for b in progress(batches, total, "gallery")
+                ]
+            )
+    return memo[key]
+
+
+@torch.no_grad()
+def _scores_from_features(
+    method: FrozenBackboneMethod, split: CIRSplit, features: torch.Tensor, batch_size: int
+) -> torch.Tensor:
+    """`score_matrix` from the gallery's backbone image features: the references' features
+    are rows of them, so only the texts go through the backbone."""
+    method.eval()
+    device = method.backbone.device
+    targets = method.encode_targets_from_features(features.to(device)).cpu()
+    row = split.gallery.index_of()
+    queries = []
+    for start in range(0, len(split.queries), batch_size):
+        chunk = split.queries[start : start + batch_size]
+        references = features[[row[q.reference_id] for q in chunk]].to(device)
+        texts = method.query_text_features([q.text for q in chunk])
+        queries.append(method.encode_queries_from_features(references, texts).cpu())
+    return torch.cat(queries) @ targets.T
 
 
 def masks(split: CIRSplit, queries: Sequence[Query]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +166,9 @@ def score_matrix(
     progress: Progress = no_progress,
 ) -> torch.Tensor:
     """`[Q, N]` cosine similarities of every query to every gallery image of the split."""
+    features = frozen_gallery_features(method, split, batch_size, workers, progress)
+    if features is not None:
+        return _scores_from_features(method, split, features, batch_size)
     gallery = encode_gallery(method, split, batch_size, workers, progress)
     queries = encode_queries(method, split.queries, split, batch_size, workers, progress)
     return queries @ gallery.T

@@ -25,6 +25,8 @@ from circe.index.engine import EngineOptions, build_engine
 from circe.index.files import Failure, ImageFile, scan_images
 from circe.index.identity import MethodIdentity, MethodSource, identity_of
 from circe.index.pending import PendingRun
+from circe.index.pgvector import KINDS as PGVECTOR_KINDS
+from circe.index.pgvector import build_pgvector_engine, prune_tables
 from circe.index.store import (
     IndexSpace,
     IndexStoreError,
@@ -63,17 +65,19 @@ class IndexReport:
 
 
 class _Images(Dataset):
-    """Decoded, preprocessed images; a file that does not decode yields its error instead."""
+    """Decoded, preprocessed images (decoded only without `preprocess`); a file that does not
+    decode yields its error instead."""
 
-    def __init__(self, root: Path, files: list[ImageFile], preprocess):
+    def __init__(self, root: Path, files: list[ImageFile], preprocess=None):
         self.root, self.files, self.preprocess = root, files, preprocess
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def __getitem__(self, position: int) -> tuple[int, Any, str | None]:
         try:
-            return position, self.preprocess(load_rgb(self.root / self.files[position].path)), None
+            image = load_rgb(self.root / self.files[position].path)
+            return position, image if self.preprocess is None else self.preprocess(image), None
         # User files can fail to decode in any way Pillow knows (truncated data, decompression
         # bombs, unsupported modes): each is reported, none may stop the run.
         except Exception as error:  # noqa: BLE001
@@ -81,11 +85,10 @@ class _Images(Dataset):
 
 
 def _collate(items):
-    """-> (positions that decoded, their pixels `[b, 3, H, W]` or None, [(position, error)])."""
-    good = [(position, pixels) for position, pixels, _ in items if pixels is not None]
+    """-> (positions that decoded, their inputs (pixels or images), [(position, error)])."""
+    good = [(position, inputs) for position, inputs, _ in items if inputs is not None]
     bad = [(position, error) for position, _, error in items if error is not None]
-    pixels = torch.stack([p for _, p in good]) if good else None
-    return [position for position, _ in good], pixels, bad
+    return [position for position, _ in good], [inputs for _, inputs in good], bad
 
 
 def _committed(
@@ -125,8 +128,9 @@ def _embed(
 ) -> tuple[dict[str, np.ndarray], list[Failure]]:
     """Embed `files`; every `shard_size` vectors (and whatever is done when the run stops,
     however it stops) are written to `pending` before anything else can go wrong."""
+    raw = method.encodes_raw_inputs  # decoded images: the method preprocesses them itself
     loader = DataLoader(
-        _Images(root, files, method.backbone.preprocess),
+        _Images(root, files, None if raw else method.backbone.preprocess),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate,
@@ -143,12 +147,16 @@ def _embed(
 
     try:
         batches = progress(loader, len(loader), "embedding")
-        for positions, pixels, bad in batches:
+        for positions, inputs, bad in batches:
             failures += [Failure(files[p].path, error) for p, error in bad]
-            if pixels is None:
+            if not inputs:
                 continue
             with torch.no_grad():
-                embedded = method.encode_targets(pixels.to(device)).float().cpu().numpy()
+                if raw:
+                    embedded = method.encode_target_images(inputs)
+                else:
+                    embedded = method.encode_targets(torch.stack(inputs).to(device))
+            embedded = embedded.float().cpu().numpy()
             for position, vector in zip(positions, embedded, strict=True):  # vector: [D]
                 vectors[files[position].path] = vector
                 buffer.append((files[position], vector))
@@ -171,9 +179,12 @@ def build_index(
     shard_size: int = 1024,
     engine_options: EngineOptions | None = None,
     progress: Progress = no_progress,
+    pgvector: str | None = None,
 ) -> IndexReport:
     """Bring the space `space` (default: the method's name) of `index_dir` up to date with
-    the images under `root`; returns what was done."""
+    the images under `root`; returns what was done. `pgvector`: a PostgreSQL connection
+    string; the space's vectors are then searched on that server (`circe.index.pgvector`)
+    instead of in-process with FAISS."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     started = time.time()
@@ -217,10 +228,22 @@ def build_index(
                 f"no image under {root} could be indexed "
                 f"({len(report.failed)} unreadable): nothing to search"
             )
-        if committed is None or fresh or report.removed or committed.embeddings.dtype != dtype:
+        was_pgvector = committed is not None and committed.engine.get("kind") in PGVECTOR_KINDS
+        if (
+            committed is None
+            or fresh
+            or report.removed
+            or committed.embeddings.dtype != dtype
+            or was_pgvector != (pgvector is not None)  # moving to or from the server
+        ):
             matrix = np.stack([vectors[f.path] for f in indexed]).astype(DTYPES[dtype])  # [N, D]
-            engine = build_engine(matrix, engine_options)
+            if pgvector is None:
+                engine = build_engine(matrix, engine_options)
+            else:
+                engine = build_pgvector_engine(matrix, space, pgvector, engine_options)
             commit_space(index_dir, root, space, identity, indexed, matrix, engine.save)
+            if pgvector is not None:  # the new generation is committed: older tables can go
+                prune_tables(space, keep=engine.table, dsn=pgvector)
             report.engine = {"kind": engine.choice.kind, "reason": engine.choice.reason}
         else:  # nothing changed: the committed generation stays as it is
             report.engine = {k: committed.engine[k] for k in ("kind", "reason")}

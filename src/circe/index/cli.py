@@ -16,6 +16,8 @@ DEFAULT_INDEX_NAME = ".circe-index"  # inside the image folder; hidden, so never
 _METHOD_HELP = "Method name (see `circe methods`), e.g. sum."
 _CHECKPOINT_HELP = "A trained method: RUN_DIR/best of `circe train`."
 _BACKBONE_HELP = "default | open_clip:ARCH (with --weights FILE) | hf:MODEL_DIR"
+_PGVECTOR_DSN = "CIRCE_PGVECTOR_DSN"
+_PGVECTOR_SEARCH_HELP = "PostgreSQL connection string, for a space indexed with --pgvector."
 # Every error a user can cause here (bad path, bad index, wrong method, empty text) is one.
 _USER_ERRORS = (OSError, ValueError)
 
@@ -56,6 +58,13 @@ def index_command(
     approximate: Annotated[
         str, typer.Option(help="The approximate index above --exact-below: ivf or hnsw.")
     ] = "ivf",
+    pgvector: Annotated[
+        str | None,
+        typer.Option(
+            help="Search on this PostgreSQL server (pgvector) instead of in-process FAISS: "
+            "a connection string, e.g. postgresql://USER@HOST/DB (not stored in the index)."
+        ),
+    ] = None,
 ) -> None:
     """Embed every image under PATH into an index (only new or changed images on re-runs;
     an interrupted run resumes)."""
@@ -80,6 +89,7 @@ def index_command(
             dtype=dtype,
             engine_options=EngineOptions(exact_below=exact_below, approximate=approximate),
             progress=track,
+            pgvector=pgvector,
         )
     except _USER_ERRORS as error:
         raise _fail(str(error)) from None
@@ -127,6 +137,9 @@ def search_command(
     checkpoint: Annotated[Path | None, typer.Option(help=_CHECKPOINT_HELP)] = None,
     backbone: Annotated[str, typer.Option(help=_BACKBONE_HELP)] = "default",
     weights: Annotated[Path | None, typer.Option(help="Local backbone weights file.")] = None,
+    pgvector: Annotated[
+        str | None, typer.Option(help=_PGVECTOR_SEARCH_HELP, envvar=_PGVECTOR_DSN)
+    ] = None,
 ) -> None:
     """Rank the indexed images for a reference image changed as TEXT says."""
     from rich.table import Table
@@ -138,7 +151,7 @@ def search_command(
     if method is not None or checkpoint is not None:
         given, source = _method_and_source(method, checkpoint, backbone, weights)
     try:
-        searcher = IndexSearcher(index, space, given, source)
+        searcher = IndexSearcher(index, space, given, source, pgvector)
         reference = searcher.resolve_reference(image)
         hits = searcher.search(reference, text, k)
         explanation = searcher.explain(reference, text) if explain else None

@@ -99,7 +99,7 @@ class SearchEngine(ABC):
     """k-nearest neighbours by inner product (cosine, for unit vectors) over N vectors.
 
     One interface for every backend: the in-process FAISS engine here, and any vector
-    database behind the same two methods.
+    database behind the same two methods (`circe.index.pgvector`: PostgreSQL + pgvector).
     """
 
     choice: EngineChoice

@@ -9,7 +9,7 @@ out of its own results, as the CIR benchmarks do.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,8 @@ from circe.data.types import RawQuery, load_rgb
 from circe.index.engine import FaissEngine, SearchEngine
 from circe.index.files import ImageFile
 from circe.index.identity import MethodSource, identity_of
+from circe.index.pgvector import KINDS as PGVECTOR_KINDS
+from circe.index.pgvector import PgVectorEngine
 from circe.index.store import IndexSpace, open_space
 from circe.methods.base import CIRMethod
 
@@ -91,9 +93,12 @@ class IndexSearcher:
         space: str | None = None,
         method: CIRMethod | None = None,
         source: MethodSource | None = None,
+        pgvector: str | None = None,
     ):
         """`method`/`source`: a method the caller loaded; it must be the one the space was
-        built with. Without it, the space's own method is loaded from its record."""
+        built with. Without it, the space's own method is loaded from its record.
+        `pgvector`: the PostgreSQL connection string of a space indexed with --pgvector
+        (default $CIRCE_PGVECTOR_DSN; unused for an in-process FAISS space)."""
         self.index_dir = Path(index_dir)
         self.space: IndexSpace = open_space(self.index_dir, space, mmap=True)
         recorded = self.space.identity
@@ -103,7 +108,11 @@ class IndexSearcher:
             method = source.load()
         recorded.check_same(identity_of(method, source or MethodSource()), where)
         self.method = method.eval()
-        self.engine: SearchEngine = FaissEngine.load(self.space.directory, self.space.embeddings)
+        self.engine: SearchEngine
+        if self.space.engine.get("kind") in PGVECTOR_KINDS:  # vectors searched on a server
+            self.engine = PgVectorEngine.load(self.space.engine, len(self.space), pgvector)
+        else:
+            self.engine = FaissEngine.load(self.space.directory, self.space.embeddings)
 
     @property
     def root(self) -> Path:
@@ -145,36 +154,46 @@ class IndexSearcher:
         except ValueError:
             return None
 
-    def _prepared(self, reference: Reference, text: str) -> tuple[torch.Tensor, str]:
-        """The query as the method's encoder sees it: pixels `[1, 3, H, W]` and text."""
-        image = reference.image
-        if self.method.prepares_queries:
-            raw = RawQuery(image=image, text=text, reference_id=reference.id)
-            image, text = self.method.prepare_query(raw)
-        pixels = self.method.backbone.preprocess(image)[None]
-        return pixels.to(self.method.backbone.device), text
+    def _raw(self, reference: Reference, text: str) -> RawQuery:
+        """The query before the method's raw-data stage and preprocessing (its own)."""
+        return RawQuery(image=reference.image, text=text, reference_id=reference.id)
 
-    @torch.no_grad()
     def search(self, reference: Reference, text: str, k: int = 10) -> list[Hit]:
         """The k best gallery images for the reference changed as `text` says."""
-        text = check_query(text, k)
-        pixels, prepared_text = self._prepared(reference, text)
-        query = self.method.encode_queries(pixels, [prepared_text]).float().cpu().numpy()
-        wanted = k + (reference.id is not None)  # one more: the reference is left out
-        scores, rows = self.engine.search(query, wanted)  # [1, k'] each
-        hits = []
-        for score, row in zip(scores[0].tolist(), rows[0].tolist(), strict=True):
+        return self.search_batch([(reference, text, k)])[0]
+
+    @torch.no_grad()
+    def search_batch(self, queries: Sequence[tuple[Reference, str, int]]) -> list[list[Hit]]:
+        """`search` for several (reference, text, k) queries at once: one forward pass of the
+        method and one engine call for all of them (what the server's batcher sends)."""
+        if not queries:
+            return []
+        texts = [check_query(text, k) for _, text, k in queries]
+        pairs = zip(queries, texts, strict=True)
+        raw = [self._raw(reference, text) for (reference, _, _), text in pairs]
+        vectors = self.method.encode_raw_queries(raw).float().cpu().numpy()  # [B, D]
+        # One more than asked where the reference is a gallery image: it is left out.
+        wanted = max(k + (reference.id is not None) for reference, _, k in queries)
+        scores, rows = self.engine.search(vectors, wanted)  # [B, k'] each
+        return [
+            self._hits(reference, k, query_scores, query_rows)
+            for (reference, _, k), query_scores, query_rows in zip(
+                queries, scores, rows, strict=True
+            )
+        ]
+
+    def _hits(self, reference: Reference, k: int, scores: np.ndarray, rows: np.ndarray):
+        hits: list[Hit] = []
+        for score, row in zip(scores.tolist(), rows.tolist(), strict=True):
             if row < 0 or self.space.files[row].id == reference.id:
                 continue
             file = self.space.files[row]
             hits.append(Hit(len(hits) + 1, file.id, file.path, float(score)))
-        return hits[:k]
+            if len(hits) == k:
+                break
+        return hits
 
     @torch.no_grad()
     def explain(self, reference: Reference, text: str) -> dict[str, Any]:
         """The method's account of this query (`CIRMethod.explain`), as plain JSON values."""
-        pixels, prepared_text = self._prepared(reference, check_query(text, 1))
-        explanation = self.method.explain(pixels, [prepared_text])
-        if prepared_text != text.strip():
-            explanation = {"prepared_text": prepared_text, **explanation}
-        return _jsonable(explanation)
+        return _jsonable(self.method.explain_raw([self._raw(reference, check_query(text, 1))]))

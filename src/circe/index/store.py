@@ -12,12 +12,14 @@
         pending/                 shards of an unfinished run, for resuming it (`PendingRun`)
         report.json              what the last finished run did, unreadable files included
 
-A gallery holds several spaces when several methods index it (a fusion of methods, such as
-DAFM, searches each member's space and combines the ranked ids, which every space shares:
-an id is a hash of the image's relative path). A run writes a new generation beside the
-old one and then replaces `index.json` with `os.replace`, so a reader, or a crash at any
-moment, sees either the old index or the new one, whole. Generations no manifest names are
-removed afterwards.
+A gallery holds several spaces when several methods index it; ids are shared by every
+space (an id is a hash of the image's relative path). A fusion of methods is one space of its
+own: DAFM's vectors are its members' vectors side by side, and its query embedding weighs
+them per query, so one inner-product search ranks by the fused similarity.
+
+A run writes a new generation beside the old one and then replaces `index.json` with
+`os.replace`, so a reader, or a crash at any moment, sees either the old index or the new
+one, whole. Generations no manifest names are removed afterwards.
 """
 
 from __future__ import annotations

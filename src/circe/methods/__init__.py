@@ -1,7 +1,15 @@
 """CIR methods, registered by name. Importing this package registers all of them."""
 
 from circe.data.types import RawQuery
-from circe.methods import combiner, dqu_cir, dwc, zeroshot  # noqa: F401  (registers them)
+from circe.methods import (  # noqa: F401  (registers them)
+    combiner,
+    dafm,
+    dqu_cir,
+    dwc,
+    far_net,
+    tmcir,
+    zeroshot,
+)
 from circe.methods.base import (
     Batch,
     CIRMethod,

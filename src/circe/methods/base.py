@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,11 @@ from PIL import Image
 from torch import nn
 
 from circe.backbones.base import Backbone
-from circe.data.types import RawQuery
+from circe.data.types import CIRSplit, RawQuery
+
+if TYPE_CHECKING:  # the trainer's types, named by a hook the trainer calls
+    from circe.progress import Progress
+    from circe.train.data import FeaturePairs, Pairs
 
 
 @dataclass
@@ -114,6 +118,54 @@ class CIRMethod(nn.Module, ABC):
         Default: nothing to say."""
         return {}
 
+    # Raw inputs (additive to the two encoders). The pipeline (evaluation, indexing, search)
+    # normally decodes images, preprocesses them with `backbone.preprocess` in DataLoader
+    # workers and hands the encoders pixels. A method whose parts each need their own
+    # preprocessing and query preparation (DAFM fuses trained methods on different
+    # backbones) cannot take one pixel tensor: it sets `encodes_raw_inputs`, and the pipeline
+    # hands it decoded images and raw queries instead. The defaults below do what the pixel
+    # path does, so any method can be driven this way (DAFM drives its members so).
+    encodes_raw_inputs: ClassVar[bool] = False
+
+    def query_inputs(self, queries: Sequence[RawQuery]) -> tuple[torch.Tensor, list[str]]:
+        """Raw queries -> what `encode_queries` takes: pixels `[B, 3, H, W]` (of the images
+        `prepare_query` returns) on the backbone's device, and the texts it returns."""
+        prepared = [self.prepare_query(query) for query in queries]
+        pixels = torch.stack([self.backbone.preprocess(image) for image, _ in prepared])
+        return pixels.to(self.backbone.device), [text for _, text in prepared]
+
+    def encode_raw_queries(self, queries: Sequence[RawQuery]) -> torch.Tensor:
+        """B raw queries -> `[B, D]` unit vectors."""
+        return self.encode_queries(*self.query_inputs(queries))
+
+    def encode_target_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """N decoded RGB images -> `[N, D]` unit vectors."""
+        pixels = torch.stack([self.backbone.preprocess(image) for image in images])
+        return self.encode_targets(pixels.to(self.backbone.device))
+
+    def explain_raw(self, queries: Sequence[RawQuery]) -> dict:
+        """`explain` for raw queries, with the texts the raw-data stage made of them (per
+        query) where it changed them."""
+        pixels, texts = self.query_inputs(queries)
+        explanation = self.explain(pixels, texts)
+        if texts != [query.text for query in queries]:
+            explanation = {"prepared_text": texts, **explanation}
+        return explanation
+
+    def training_split(self, split: CIRSplit) -> CIRSplit:
+        """The training split as this method trains on it; the trainer asks before anything
+        is built from it. TMCIR's alignment stage swaps every target for the query's
+        pseudo-target image. Default: as loaded."""
+        return split
+
+    def training_features(
+        self, pairs: Pairs, batch_size: int, workers: int, progress: Progress
+    ) -> FeaturePairs | None:
+        """Training inputs that the method computes itself, once per run, in place of the
+        trainer's pixels or cached backbone features: a method built on other trained models
+        (DAFM) trains from their outputs. Default: None, the trainer's own choice."""
+        return None
+
     def config_dict(self) -> dict:
         """Keyword arguments that recreate this method with `create_method` (saved with
         checkpoints). Methods keep their settings as a dataclass in `self.config`."""
@@ -159,8 +211,9 @@ class FrozenBackboneMethod(CIRMethod):
     The fusion is written against backbone features (`encode_*_from_features`); the pixel
     and text entry points of the contract run the backbone and then the same functions, so
     training from cached features and inference share one code path. The trainer may
-    compute `backbone_image_features` / `backbone_text_features` once per image and text,
-    store them (`circe.train.cache`) and call the `*_from_features` functions directly.
+    compute `backbone_image_features` / `backbone_text_features` (and the `*_tokens` twins
+    for a method that `uses_tokens`) once per image and text, store them
+    (`circe.train.cache`) and call the `*_from_features` functions directly.
     """
 
     frozen_backbone = True
@@ -215,6 +268,10 @@ class FrozenBackboneMethod(CIRMethod):
     @torch.no_grad()
     def backbone_text_tokens(self, texts: list[str]) -> TokenFeatures:
         """B texts -> the text tower's `TokenFeatures`: what a token method caches."""
+        return self.encode_text_tokens(texts)
+
+    def encode_text_tokens(self, texts: list[str]) -> TokenFeatures:
+        """B texts -> the text tower's `TokenFeatures` (with gradients where it is trained)."""
         token_ids = self.backbone.tokenize(texts).to(self.backbone.device)
         return TokenFeatures(*self.backbone.encode_text(token_ids, tokens=True))
 
@@ -230,12 +287,7 @@ class FrozenBackboneMethod(CIRMethod):
         `uses_tokens`), with gradients when the method trains its text tower
         (`trains_text_tower`); otherwise the cached kind."""
         if self.trains_text_tower:
-            if self.uses_tokens:
-                raise NotImplementedError(
-                    f"{type(self).__name__}: fine-tuning the text tower of a method that fuses "
-                    "token sequences is not supported"
-                )
-            return self.encode_texts(texts)
+            return self.encode_text_tokens(texts) if self.uses_tokens else self.encode_texts(texts)
         if self.uses_tokens:
             return self.backbone_text_tokens(texts)
         return self.backbone_text_features(texts)

@@ -55,7 +55,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from circe.backbones.base import Backbone
-from circe.methods.base import FrozenBackboneMethod, TrainingState, register_method
+from circe.methods.base import (
+    FrozenBackboneMethod,
+    TrainingState,
+    register_method,
+    register_variant,
+)
 from circe.train.losses import (
     mutual_learning_loss,
     soft_label_contrastive_loss,
@@ -145,6 +150,11 @@ class DWC(FrozenBackboneMethod):
     @property
     def trains_text_tower(self) -> bool:  # type: ignore[override]
         return self.config.finetune_text
+
+    @property
+    def frozen_backbone(self) -> bool:  # type: ignore[override]
+        # A fine-tuned text tower must go into the checkpoints with the fusion it fits.
+        return not self.config.finetune_text
 
     # -- the EMD stream ---------------------------------------------------------------------
 
@@ -257,34 +267,24 @@ class DWC(FrozenBackboneMethod):
         return {"image_weight": w[:, 0].tolist(), "text_weight": w[:, 1].tolist()}
 
 
-def _variant(name: str, doc: str, **overrides) -> type[DWC]:
-    """An ablation of DWC: the same class with some settings fixed."""
-
-    def __init__(self, backbone: Backbone, **config):
-        DWC.__init__(self, backbone, **{**overrides, **config})
-
-    cls = type(name, (DWC,), {"__init__": __init__, "__doc__": doc})
-    return cls
-
-
-register_method("dwc-hard-labels")(
-    _variant("DWCHardLabels", "Ablation: one-hot labels (no SSG).", soft_label_weight=0.0)
+register_variant(
+    "dwc-hard-labels", DWC, "Ablation: one-hot labels (no SSG).", soft_label_weight=0.0
 )
-register_method("dwc-no-editors")(
-    _variant("DWCNoEditors", "Ablation: without the two modality editors.", editors=False)
+register_variant(
+    "dwc-no-editors", DWC, "Ablation: without the two modality editors.", editors=False
 )
-register_method("dwc-equal-weights")(
-    _variant(
-        "DWCEqualWeights", "Ablation: w_v = w_t = 1/2 instead of the combiner.", weighting="equal"
-    )
+register_variant(
+    "dwc-equal-weights",
+    DWC,
+    "Ablation: w_v = w_t = 1/2 instead of the combiner.",
+    weighting="equal",
 )
-register_method("dwc-frozen-text")(
-    _variant(
-        "DWCFrozenText",
-        "Ablation: the text tower frozen too (a pure fusion module, like the Combiner).",
-        finetune_text=False,
-    )
+register_variant(
+    "dwc-frozen-text",
+    DWC,
+    "Ablation: the text tower frozen too (a pure fusion module, like the Combiner).",
+    finetune_text=False,
 )
-register_method("dwc-no-mutual")(
-    _variant("DWCNoMutual", "Ablation: the EMD stream alone (no mutual module).", mutual=False)
+register_variant(
+    "dwc-no-mutual", DWC, "Ablation: the EMD stream alone (no mutual module).", mutual=False
 )

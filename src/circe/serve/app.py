@@ -1,7 +1,7 @@
 """The HTTP API and the web page over one index (`circe serve`).
 
 The method is loaded once, when the app is made (`IndexSearcher`), and every request reuses
-it. Everything a client can get wrong (a file that is not an image, a huge image, an empty
+it; concurrent searches are encoded together in batches (`circe.serve.batching`). Everything a client can get wrong (a file that is not an image, a huge image, an empty
 or huge text, k out of range, an unknown id) is answered with a 4xx and a message; the
 OpenAPI description is at /docs and /openapi.json.
 """
@@ -9,6 +9,7 @@ OpenAPI description is at /docs and /openapi.json.
 from __future__ import annotations
 
 import time
+from contextlib import asynccontextmanager
 from importlib.resources import files
 from typing import Annotated
 
@@ -20,6 +21,7 @@ from pydantic import BaseModel
 from circe import __version__
 from circe.data.types import DatasetFormatError, load_rgb
 from circe.index.search import MAX_K, IndexSearcher, QueryError, Reference, UnknownImageError
+from circe.serve.batching import BatchOptions, QueryBatcher
 from circe.serve.thumbnails import MAX_SIZE, MIN_SIZE, thumbnail
 from circe.serve.uploads import UploadError, UploadLimits, decode_upload
 
@@ -60,10 +62,22 @@ def _urls(image_id: str) -> dict[str, str]:
     return {"image_url": f"/images/{image_id}", "thumbnail_url": f"/thumbnails/{image_id}"}
 
 
-def create_app(searcher: IndexSearcher, limits: UploadLimits | None = None) -> FastAPI:
+def create_app(
+    searcher: IndexSearcher,
+    limits: UploadLimits | None = None,
+    batching: BatchOptions | None = None,
+) -> FastAPI:
     """The FastAPI app serving `searcher`'s index."""
     limits = limits or UploadLimits()
+    batcher = QueryBatcher(searcher, batching)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        batcher.close()  # queued queries are answered before the server stops
+
     app = FastAPI(
+        lifespan=lifespan,
         title="circe",
         version=__version__,
         description=(
@@ -71,6 +85,7 @@ def create_app(searcher: IndexSearcher, limits: UploadLimits | None = None) -> F
             f"modification text -> ranked gallery images ({searcher.space.identity.describe()})."
         ),
     )
+    app.state.batcher = batcher
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
 
     @app.middleware("http")
@@ -110,6 +125,7 @@ def create_app(searcher: IndexSearcher, limits: UploadLimits | None = None) -> F
             "method": identity.method,
             "backbone": identity.backbone,
             "engine": searcher.engine.choice.kind,
+            "batching": batcher.stats(),
         }
 
     @app.post("/search", response_model=SearchResponse)
@@ -135,7 +151,7 @@ def create_app(searcher: IndexSearcher, limits: UploadLimits | None = None) -> F
             else:
                 file, path = gallery_file(image_id)
                 reference = Reference(load_rgb(path), file.id, file.path)
-            hits = searcher.search(reference, text, k)
+            hits = batcher.search(reference, text, k)
         except UploadError as error:
             raise HTTPException(error.status, str(error)) from None
         except QueryError as error:

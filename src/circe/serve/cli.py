@@ -13,6 +13,19 @@ def serve_command(
     space: Annotated[str | None, typer.Option(help="Embedding space (if several).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: int = 8000,
+    batch_max: Annotated[
+        int, typer.Option(help="Most concurrent queries encoded in one batch (1: no batching).")
+    ] = 32,
+    batch_window_ms: Annotated[
+        float, typer.Option(help="How long a query waits for others to batch with.")
+    ] = 2.0,
+    pgvector: Annotated[
+        str | None,
+        typer.Option(
+            help="PostgreSQL connection string, for a space indexed with --pgvector.",
+            envvar="CIRCE_PGVECTOR_DSN",
+        ),
+    ] = None,
 ) -> None:
     """Serve the HTTP API (/search, /images, /thumbnails, /healthz, /docs) and the search
     web page (/) over an index."""
@@ -22,6 +35,7 @@ def serve_command(
         import uvicorn
 
         from circe.serve.app import create_app
+        from circe.serve.batching import BatchOptions
     except ImportError as error:
         raise _fail(
             f"circe serve needs the serve extra ({error.name} is missing): "
@@ -30,11 +44,12 @@ def serve_command(
     from circe.index.search import IndexSearcher
 
     try:
-        searcher = IndexSearcher(index, space)  # the model is loaded once, here
+        batching = BatchOptions(batch_max, batch_window_ms)
+        searcher = IndexSearcher(index, space, pgvector=pgvector)  # the model loads once, here
     except (OSError, ValueError) as error:
         raise _fail(str(error)) from None
     console.print(
         f"serving {len(searcher)} images ({searcher.space.identity.describe()}) at "
         f"http://{host}:{port}/  (API docs: /docs)"
     )
-    uvicorn.run(create_app(searcher), host=host, port=port)
+    uvicorn.run(create_app(searcher, batching=batching), host=host, port=port)

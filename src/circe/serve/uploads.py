@@ -2,7 +2,9 @@
 
 An upload is untrusted: it may be no image at all, a truncated one, or a small file that
 decodes to billions of pixels (a decompression bomb). The size in bytes and the size in
-pixels are checked before anything is decoded in full.
+pixels are checked before anything is decoded in full, and so is the shape: CLIP-style
+preprocessing scales the *shorter* side to the model's input size, so a 40,000 x 1 image
+(few pixels, allowed by the pixel limit) would be scaled to 2,560,000 x 64 first.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from PIL import Image
 class UploadLimits:
     max_bytes: int = 20 * 2**20
     max_pixels: int = 40_000_000  # e.g. 8000 x 5000
+    max_aspect: float = 25.0  # longer side / shorter side; wide panoramas are about 10
 
 
 class UploadError(ValueError):
@@ -41,6 +44,12 @@ def decode_upload(data: bytes, limits: UploadLimits) -> Image.Image:
                     413,
                     f"the image is {width}x{height} pixels; at most {limits.max_pixels:,} "
                     "pixels are accepted",
+                )
+            if max(width, height) > limits.max_aspect * min(width, height):
+                raise UploadError(
+                    422,
+                    f"the image is {width}x{height} pixels; one side may be at most "
+                    f"{limits.max_aspect:g} times the other: crop it",
                 )
             image.seek(0)
             return image.convert("RGB")

@@ -181,7 +181,9 @@ class FeatureCache:
 
     def _check(self, key: str, meta: dict, rows: int) -> None:
         if rows != meta["count"]:
-            raise ValueError(f"feature cache entry {self.path(key)} is corrupt; delete it")
+            raise ValueError(
+                f"feature cache entry {self.path(key)} is corrupt; delete that directory"
+            )
 
     def store(self, key: str, fields: dict, features: torch.Tensor) -> None:
         """Write an entry of `[N, D]` features atomically."""

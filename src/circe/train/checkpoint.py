@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from circe.backbones import load_backbone
+from circe.backbones.base import Backbone
 from circe.methods import CIRMethod, create_method
 from circe.train.atomic import fsync_path
 
@@ -105,12 +106,19 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path.resolve(), info, load_file(str(path / "model.safetensors")))
 
 
-def load_trained_method(path: str | Path, device: str | torch.device = "cpu") -> CIRMethod:
-    """The trained method of a checkpoint, in eval mode, on its own backbone."""
+def load_trained_method(
+    path: str | Path, device: str | torch.device = "cpu", shared: Backbone | None = None
+) -> CIRMethod:
+    """The trained method of a checkpoint, in eval mode, on its own backbone. `shared`: a
+    backbone already loaded (on `device`), used instead of loading the same one again when it
+    is the very backbone the checkpoint names (the members of a fusion share one so)."""
     checkpoint = load_checkpoint(path)
     info = checkpoint.info
     config = info["train_config"]
-    backbone = load_backbone(config["backbone"], config["backbone_weights"], device=device)
+    if shared is not None and asdict(shared.identity) == info["backbone"]:
+        backbone = shared
+    else:
+        backbone = load_backbone(config["backbone"], config["backbone_weights"], device=device)
     saved = info["backbone"]["weights_sha256"]
     if backbone.identity.weights_sha256 != saved:
         raise ValueError(

@@ -29,6 +29,9 @@ class TrainConfig:
     method_config: dict[str, Any] = field(default_factory=dict)  # create_method(**this)
     dataset: str = "synthetic"
     root: str = "data/synthetic"
+    # The data set's protocol preset (e.g. FashionIQ's clip4cir | dqu-cir | dwc: caption join,
+    # text clean-up, gallery); None: the data set's default. Recorded with the run's config.
+    protocol: str | None = None
     backbone: str = "default"
     backbone_weights: str | None = None
     seed: int = 0

@@ -166,12 +166,14 @@ class Trainer:
         self.objective = ContrastiveObjective(method, config.temperature, config.learn_temperature)
         self.objective.to(self.accelerator.device)
 
-        self.train_split = load_split(config.dataset, config.root, "train")
+        self.train_split = method.training_split(
+            load_split(config.dataset, config.root, "train", config.protocol)
+        )
         self.pairs = Pairs.from_split(self.train_split)
         if config.text_noise:
             self.pairs = self.pairs.with_text_noise(config.text_noise, config.seed)
         self.eval_split = (
-            load_split(config.dataset, config.root, config.eval_split)
+            load_split(config.dataset, config.root, config.eval_split, config.protocol)
             if config.eval_every
             else None
         )
@@ -200,13 +202,18 @@ class Trainer:
 
     def _source(self) -> FeaturePairs | PixelPairs:
         method = self.method
+        progress = track if self.show_progress else _no_progress
+        own = method.training_features(
+            self.pairs, self.config.eval_batch_size, self.config.workers, progress
+        )
+        if own is not None:  # a method over trained models (DAFM) trains from their outputs
+            return own
         prepare = method.prepare_query if method.prepares_queries else None
         cacheable = isinstance(method, FrozenBackboneMethod) and not method.trains_image_tower
         if not (self.config.feature_cache and cacheable):
             return PixelPairs(self.pairs, method.backbone.preprocess, prepare)
         started = time.time()
         cache = FeatureCache(self.config.cache_dir)
-        progress = track if self.show_progress else _no_progress
         gallery, batch = self.train_split.gallery, self.config.eval_batch_size
         hits, entries, disk = 0, 0, 0
         if prepare is not None and method.uses_tokens:
@@ -271,8 +278,8 @@ class Trainer:
             # The query side fuses the reference images' patch tokens: only those images'
             # sequences are cached (targets stay pooled), about a quarter of the synthetic
             # benchmark's training images.
-            rows = self.pairs.reference.unique()  # sorted rows into pairs.images
-            ids = [self.pairs.images[r] for r in rows.tolist()]
+            reference_rows = self.pairs.reference.unique()  # sorted rows into pairs.images
+            ids = [self.pairs.images[r] for r in reference_rows.tolist()]
             references = cached(
                 "image:tokens",
                 image_items(gallery, ids),
@@ -281,7 +288,7 @@ class Trainer:
                 ),
                 tokens=True,
             )
-            reference = torch.searchsorted(rows, self.pairs.reference)  # [P] row per pair
+            reference = torch.searchsorted(reference_rows, self.pairs.reference.contiguous())
             queries = QueryFeatures(references, texts, self.pairs.text, reference)
         text_features = None
         if method.uses_tokens and not method.trains_text_tower:
@@ -508,7 +515,7 @@ class Trainer:
             self._load_weights(load_checkpoint(self.run_dir / "best").weights)
         tests, per_kind = {}, {}
         for split in self.config.test_splits:
-            data = load_split(self.config.dataset, self.config.root, split)
+            data = load_split(self.config.dataset, self.config.root, split, self.config.protocol)
             result = evaluate(
                 self.method,
                 data,

@@ -1,0 +1,320 @@
+"""`circe bench fusion`: DAFM over trained members, against its baselines, and its cost.
+
+Per seed, with one training config (the one of `circe bench quality`, seed replaced): train
+each member method, optionally add a member with random weights (DAFM should learn to
+distrust it), train `dafm` over the members, and build `dafm-equal` over the same members.
+On `test` and `test_unseen`, every member is encoded once as `circe eval` encodes it, and
+both fusions are computed from those member embeddings with their own fusion functions
+(`encode_queries_from_features`, exactly what their raw-input encoders do). The best single
+member is the member with the best mean R@1 over seeds, per split.
+
+Cost, in the same run: the latency of one query (raw image and text to the top 10 of the
+split's gallery, median over queries) and memory (weights in memory, index bytes per
+gallery image) of DAFM against each of its members.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from circe.bench import KS, TABLE_KS, TEST_SPLITS, _machine, _summary, _write
+from circe.data.batching import raw_query
+from circe.data.types import CIRSplit
+from circe.eval.evaluate import encode_gallery, encode_queries, masks
+from circe.eval.metrics import recall_at_k
+from circe.methods import CIRMethod, create_method
+from circe.methods.dafm import DAFM
+from circe.train.checkpoint import load_checkpoint, load_trained_method, save_checkpoint
+from circe.train.config import TrainConfig
+from circe.train.data import load_split
+from circe.train.trainer import train
+
+DEFAULT_MEMBERS = ("combiner", "dwc", "dqu-cir")
+RANDOM = "random"  # the label of the member with random weights
+FUSIONS = ("dafm-equal", "dafm")
+LATENCY_QUERIES = 50
+
+
+def write_random_member(source: str | Path, out: Path, seed: int) -> Path:
+    """A copy of the trained checkpoint `source` whose method weights are all drawn from
+    N(0, 1): a member that knows nothing but still loads and encodes like the original.
+    Returns its checkpoint (`out/best`)."""
+    checkpoint = load_checkpoint(source)
+    generator = torch.Generator().manual_seed(seed)
+    weights = {
+        key: torch.randn(value.shape, generator=generator)
+        if key.startswith("method.") and value.is_floating_point()
+        else value
+        for key, value in checkpoint.weights.items()
+    }
+    info = {**checkpoint.info, "random_weights_from": str(checkpoint.path)}
+    save_checkpoint(Path(out), ("last", "best"), weights, info, state={})
+    return Path(out) / "best"
+
+
+def _recalls(scores: torch.Tensor, split: CIRSplit) -> dict[str, float]:
+    target, exclude = masks(split, split.queries)
+    return {f"R@{k}": v for k, v in recall_at_k(scores, target, KS, exclude).items()}
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights a model holds in memory (tensors it shares counted once)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@torch.no_grad()
+def _query_latency_ms(model: CIRMethod, split: CIRSplit, gallery: torch.Tensor) -> float:
+    """Median milliseconds from one raw query to the top 10 of `gallery` `[N, D]`."""
+    queries = [raw_query(q, split.gallery) for q in split.queries[: LATENCY_QUERIES + 1]]
+    model.encode_raw_queries(queries[:1])  # warm-up: lazy initialisation, caches
+    times = []
+    for query in queries[1:]:  # queries it has not seen (DAFM remembers what it has)
+        started = time.perf_counter()
+        embedded = model.encode_raw_queries([query]).cpu()  # [1, D]
+        (embedded @ gallery.T).topk(min(10, len(gallery)))
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def _labels(dafm: DAFM, random_member: bool) -> list[str]:
+    names = list(dafm.member_names)
+    return [*names[:-1], RANDOM] if random_member else names
+
+
+def _seed_run(
+    config: TrainConfig,
+    scratch: Path,
+    members: Sequence[str],
+    random_member: bool,
+    progress: bool,
+) -> dict[str, Any]:
+    """Train the members and DAFM with `config`; score everything; measure the cost."""
+    paths, train_seconds = [], {}
+    for name in members:
+        results = train(replace(config, method=name), scratch / name, progress).results
+        paths.append(str(scratch / name / "best"))
+        train_seconds[name] = results["train_seconds"]
+    if random_member:
+        paths.append(str(write_random_member(paths[0], scratch / RANDOM, config.seed)))
+    fused = replace(config, method="dafm", method_config={"members": paths})
+    results = train(fused, scratch / "dafm", progress).results
+    train_seconds["dafm"] = results["train_seconds"]
+    dafm = load_trained_method(scratch / "dafm" / "best")
+    equal = create_method("dafm-equal", dafm.backbone, members=paths)
+    labels = _labels(dafm, random_member)
+    run: dict[str, Any] = {
+        "seed": config.seed,
+        "train_seconds": train_seconds,
+        "dafm_best_epoch": results["best_epoch"],
+        "metrics": {},
+        "mean_gate_weights": {},
+    }
+    for split_name in TEST_SPLITS:
+        split = load_split(config.dataset, config.root, split_name)
+        batch, workers = config.eval_batch_size, config.workers
+        # Every member once, as `circe eval` encodes it: [Q, ΣD] and [N, ΣD], side by side.
+        queries = torch.cat(
+            [encode_queries(m, split.queries, split, batch, workers) for m in dafm.members], -1
+        )
+        gallery = torch.cat([encode_gallery(m, split, batch, workers) for m in dafm.members], -1)
+        scores = {
+            label: q @ g.T
+            for label, q, g in zip(labels, dafm.split(queries), dafm.split(gallery), strict=True)
+        }
+        with torch.no_grad():
+            for name, fusion in zip(FUSIONS, (equal, dafm), strict=True):
+                fused_queries = fusion.encode_queries_from_features(queries)
+                scores[name] = fused_queries @ fusion.encode_targets_from_features(gallery).T
+            weights = dafm.member_weights(queries).mean(0).tolist()  # [M]
+        run["metrics"][split_name] = {name: _recalls(s, split) for name, s in scores.items()}
+        run["mean_gate_weights"][split_name] = dict(zip(labels, weights, strict=True))
+        if split_name == TEST_SPLITS[0]:
+            run["cost"] = _cost(dafm, labels, split, gallery)
+    return run
+
+
+def _cost(dafm: DAFM, labels: list[str], split: CIRSplit, gallery: torch.Tensor) -> dict:
+    """Latency and memory of each member and of DAFM; `gallery`: the members' `[N, ΣD]`."""
+    models = dict(zip(labels, dafm.members, strict=True))
+    galleries = dict(zip(labels, dafm.split(gallery), strict=True))
+    models["dafm"], galleries["dafm"] = dafm, dafm.encode_targets_from_features(gallery)
+    return {
+        label: {
+            "query_ms": _query_latency_ms(model, split, galleries[label]),
+            "weight_bytes": _weight_bytes(model),
+            "index_bytes_per_image": galleries[label].shape[1] * 4,  # float32 vectors
+        }
+        for label, model in models.items()
+    }
+
+
+def fusion(
+    base: TrainConfig,
+    out_dir: Path,
+    seeds: Sequence[int] = (0, 1, 2),
+    members: Sequence[str] = DEFAULT_MEMBERS,
+    random_member: bool = False,
+    command: str = "circe bench fusion",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """DAFM over `members` (plus a random one) against each member and `dafm-equal`, over
+    seeds. Writes `fusion.json` and `fusion.md` in `out_dir`; returns the record."""
+    if len(members) + random_member < 2:
+        raise ValueError("fusion needs at least two members (or one and --random-member)")
+    # The bench tests every model itself, from one pass of the members over each split.
+    base = replace(base, test_splits=[])
+    with tempfile.TemporaryDirectory(prefix="circe-fusion-") as scratch:
+        runs = [
+            _seed_run(
+                replace(base, seed=seed),
+                Path(scratch) / f"seed-{seed}",
+                members,
+                random_member,
+                progress,
+            )
+            for seed in seeds
+        ]
+    record: dict[str, Any] = {
+        "command": command,
+        "dataset": base.dataset,
+        "root": base.root,
+        "backbone": base.backbone,
+        "seeds": list(seeds),
+        "members": [*members, *([RANDOM] if random_member else [])],
+        "train_config": base.to_dict(),
+        "machine": _machine(),
+        "summary": _summarise(runs),
+        "runs": runs,
+    }
+    _write(Path(out_dir), "fusion", record, fusion_markdown(record))
+    return record
+
+
+def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means and spreads over seeds, the best single member per split, and the verdicts."""
+    first = runs[0]
+    models = list(first["metrics"][TEST_SPLITS[0]])
+    members = [m for m in models if m not in FUSIONS]
+    summary: dict[str, Any] = {"metrics": {}, "mean_gate_weights": {}, "best_member": {}}
+    for split in TEST_SPLITS:
+        summary["metrics"][split] = {
+            model: {
+                metric: _summary([run["metrics"][split][model][metric] for run in runs])
+                for metric in first["metrics"][split][model]
+            }
+            for model in models
+        }
+        summary["mean_gate_weights"][split] = {
+            member: statistics.fmean(run["mean_gate_weights"][split][member] for run in runs)
+            for member in members
+        }
+        r1 = {m: summary["metrics"][split][m]["R@1"]["mean"] for m in models}
+        best = max(members, key=r1.get)
+        summary["best_member"][split] = {
+            "member": best,
+            "dafm_minus_best_member_R@1": r1["dafm"] - r1[best],
+            "dafm_minus_equal_R@1": r1["dafm"] - r1["dafm-equal"],
+        }
+    summary["cost"] = {
+        model: {
+            key: statistics.fmean(run["cost"][model][key] for run in runs)
+            for key in first["cost"][model]
+        }
+        for model in first["cost"]
+    }
+    summary["train_seconds"] = {
+        name: statistics.fmean(run["train_seconds"][name] for run in runs)
+        for name in first["train_seconds"]
+    }
+    return summary
+
+
+def fusion_markdown(record: dict[str, Any]) -> str:
+    summary = record["summary"]
+    metrics = summary["metrics"]
+    header = ["model"] + [f"{split} R@{k}" for split in TEST_SPLITS for k in TABLE_KS]
+    header += ["mean gate weight (test)"]
+    lines = [
+        "# DAFM: dynamic adaptive fusion of trained methods",
+        "",
+        (
+            f"Generated by `{record['command']}` from `fusion.json`; data set "
+            f"`{record['dataset']}`, backbone `{record['backbone']}`, members "
+            f"{', '.join(f'`{m}`' for m in record['members'])}, each trained with the "
+            f"`circe bench quality` config; DAFM trained over them with the same config. "
+            f"Recall in percent, mean ± std over seeds {record['seeds']}. "
+            "`dafm-equal`: every member weighs 1/M."
+        ),
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    gate = summary["mean_gate_weights"][TEST_SPLITS[0]]
+    for model in metrics[TEST_SPLITS[0]]:
+        cells = [f"`{model}`"]
+        for split in TEST_SPLITS:
+            for k in TABLE_KS:
+                value = metrics[split][model][f"R@{k}"]
+                cells.append(f"{value['mean']:.1f} ± {value['std']:.1f}")
+        cells.append(f"{gate[model]:.3f}" if model in gate else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Best single member (by mean R@1) and DAFM's R@1 against it and `dafm-equal`:",
+        "",
+    ]
+    for split, best in summary["best_member"].items():
+        lines.append(
+            f"- `{split}`: best member `{best['member']}`; DAFM's R@1 minus its R@1: "
+            f"{best['dafm_minus_best_member_R@1']:+.1f} points; minus `dafm-equal`'s: "
+            f"{best['dafm_minus_equal_R@1']:+.1f}."
+        )
+    cost = summary["cost"]
+    members = [m for m in cost if m != "dafm"]
+    slowest = max(cost[m]["query_ms"] for m in members)
+    lines += [
+        "",
+        (
+            f"## Cost (`{TEST_SPLITS[0]}`, {record['machine']['torch_threads']} torch threads, "
+            "means over seeds)"
+        ),
+        "",
+        (
+            "Query: one raw query (image + text) to the top 10 of the gallery, median over "
+            f"{LATENCY_QUERIES} queries. Weights: tensors in memory (a backbone that members "
+            "share counted once). Index: float32 bytes per gallery image."
+        ),
+        "",
+        "| model | query ms | weights MB | index bytes / image |",
+        "|---|---|---|---|",
+    ]
+    for model, values in cost.items():
+        lines.append(
+            f"| `{model}` | {values['query_ms']:.2f} | {values['weight_bytes'] / 2**20:.1f} | "
+            f"{values['index_bytes_per_image']:.0f} |"
+        )
+    total_ms = sum(cost[m]["query_ms"] for m in members)
+    total_bytes = sum(cost[m]["weight_bytes"] for m in members)
+    lines += [
+        "",
+        (
+            f"DAFM's query costs {cost['dafm']['query_ms'] / slowest:.2f}x its slowest member "
+            f"and {cost['dafm']['query_ms'] / total_ms:.2f}x all members run one after another; "
+            f"its weights are {cost['dafm']['weight_bytes'] / total_bytes:.2f}x the members' "
+            "loaded separately."
+        ),
+        "",
+        "Training seconds (optimizer steps, mean over seeds): "
+        + ", ".join(f"`{name}` {s:.1f}" for name, s in summary["train_seconds"].items())
+        + ".",
+    ]
+    return "\n".join(lines) + "\n"

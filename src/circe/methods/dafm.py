@@ -1,0 +1,409 @@
+"""DAFM: Dynamic Adaptive Fusion for multi-model collaboration in CIR (Cai, Mi, Ji, Rong,
+Zhang, Li, Guo, Xie; 2025). No public code; this is our reading of the paper's abstract.
+
+One model cannot see the whole picture and the fine details at once, and fixed fusion
+weights let a fused query drift away from its target. DAFM runs several trained CIR models
+(the members) side by side and weighs them per query.
+
+Members: trained circe methods loaded from their checkpoints, any mix, on any backbones.
+Each keeps its own embedding space, preprocessing and raw-query preparation (DQU-CIR writes
+words on the image), so DAFM takes raw inputs (`encodes_raw_inputs`) and hands every member
+its own. Members are frozen: no gradient ever reaches them.
+
+Fusion at the similarity level, per member space (q_m, g_m: member m's unit embeddings):
+    score(q, g) = Σ_m w_m(q) · cos_m(q_m, g_m)                           fused similarity
+    w(q) = softmax(gate([q_1 ‖ … ‖ q_M ‖ s_1 ‖ … ‖ s_M]))                 per-query weights
+s_m are score statistics: member m's cosines from q_m to K fixed training targets of its
+space (max, mean, std, normalised entropy), a gallery-free measure of how sure the member is
+about this query. The gate's last layer starts at zero, so an untrained DAFM is the
+equal-weight fusion `dafm-equal`, the baseline it has to beat (with the best single member,
+which `circe bench fusion` reports).
+
+One embedding space, for the contract and the index:
+    query = normalize([w_1 q_1 ‖ … ‖ w_M q_M]),      target = [g_1 ‖ … ‖ g_M] / √M
+query·target = Σ_m w_m cos_m / (√M ‖w‖): a positive factor per query, so every query ranks
+the gallery exactly as the fused similarity does, and a FAISS inner-product index over the
+targets searches DAFM like any method. `fused_scores` recovers the fused similarity itself
+from the two embeddings; the training loss uses it, so the gate cannot lower the loss
+through that per-query factor (a sharper or softer softmax) instead of through the ranking.
+
+Training: InfoNCE on the fused similarity with the trainer's learned temperature. The
+members' embeddings of the training pairs and images are computed once per run
+(`training_features`), so an epoch costs a few small matrix products on a CPU, and each
+query is scored against every training image, as retrieval ranks them, rather than against
+the batch's targets only (on a 1500-pair synthetic benchmark: +1.3 points of test R@1 over
+in-batch negatives, mean of three gate seeds, the gate learning to drop a weaker member).
+Frozen members embed an input the same way every time, so DAFM remembers their embeddings
+by input (`_Memo`): the validation after every epoch then costs a gate pass, not a pass of
+every member over the validation split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from circe.backbones import file_sha256
+from circe.backbones.base import Backbone
+from circe.data.batching import loaded_batches
+from circe.data.types import RawQuery
+from circe.methods.base import CIRMethod, TrainingState, register_method
+from circe.progress import Progress
+
+if TYPE_CHECKING:
+    from circe.train.data import FeaturePairs, Pairs
+
+# Per member: max, mean, std and normalised entropy of its cosines to the anchor targets.
+STATISTICS = 4
+# Softmax temperature of the entropy statistic (a trained member's cosines to a gallery have
+# a std of about 0.23 on the synthetic benchmark: 0.05 keeps the softmax far from uniform).
+STATISTICS_TEMPERATURE = 0.05
+# Memory for the member embeddings DAFM remembers by input (`_Memo`).
+MEMO_BYTES = 256 * 2**20
+_PIXELS = (
+    "dafm cannot take pixels: each member preprocesses images (and DQU-CIR prepares queries) "
+    "in its own way. Give it raw inputs (encode_raw_queries, encode_target_images, "
+    "explain_raw), as circe's evaluation, index and search do."
+)
+
+
+@dataclass(frozen=True)
+class DAFMConfig:
+    # Checkpoints of the trained members: RUN_DIR or RUN_DIR/best of `circe train`.
+    members: tuple[str, ...] = ()
+    # sha256 of each member's weights, recorded when DAFM is first built and checked whenever
+    # it is loaded again: a gate trained over other member weights would trust the wrong one.
+    member_sha256: tuple[str, ...] = ()
+    hidden: int = 128  # width of the gate's hidden layer
+    dropout: float = 0.1
+    anchors: int = 256  # K training targets per member space for the score statistics
+
+    def __post_init__(self) -> None:
+        # Saved configs come back from JSON with lists; keep tuples (hashable, immutable).
+        object.__setattr__(self, "members", tuple(str(m) for m in self.members))
+        object.__setattr__(self, "member_sha256", tuple(self.member_sha256))
+        if len(self.members) < 2:
+            raise ValueError(
+                "dafm fuses at least two trained methods: give their checkpoints as "
+                "method_config members=[RUN_DIR/best, RUN_DIR/best, ...]"
+            )
+        if self.member_sha256 and len(self.member_sha256) != len(self.members):
+            raise ValueError("member_sha256 must name one hash per member")
+        if self.anchors < 2:
+            raise ValueError(f"anchors must be at least 2, got {self.anchors}")
+
+
+def _load_member(path: str, number: int, backbone: Backbone) -> tuple[CIRMethod, str]:
+    """A trained member in eval mode on `backbone`'s device (on `backbone` itself when it was
+    trained on it: one copy in memory), and the sha256 of its weights file."""
+    # The checkpoint loader builds methods by name, so it imports this package: import it
+    # only when a member is loaded.
+    from circe.train.checkpoint import load_checkpoint, load_trained_method
+
+    try:
+        checkpoint = load_checkpoint(path)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"dafm member {number} ({path}): {error}") from None
+    member = load_trained_method(checkpoint.path, backbone.device, shared=backbone)
+    return member, file_sha256(checkpoint.path / "model.safetensors")
+
+
+def _unique_names(names: Iterable[str]) -> list[str]:
+    """Method names, with #2, #3, ... on repeats (two combiners are two members)."""
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return unique
+
+
+def _image_key(image: Image.Image) -> tuple:
+    return image.mode, image.size, hashlib.blake2b(image.tobytes(), digest_size=16).digest()
+
+
+def _query_key(query: RawQuery) -> tuple:
+    """Everything a member's raw-data stage may read: the image's content and every field."""
+    others = tuple(getattr(query, f.name) for f in fields(query) if f.name != "image")
+    return _image_key(query.image), others
+
+
+class _Memo:
+    """Embeddings by input, for a pure function: frozen members always embed an input the
+    same way, so DAFM's validation after every epoch (and a repeated query) costs a gate pass
+    instead of a pass of every member. The least recently used entries go beyond `capacity`."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.rows: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+
+    def embed(self, items: Sequence, key: Callable, encode: Callable) -> torch.Tensor:
+        """`encode(items)` `[B, D]`, encoding only the items not remembered."""
+        keys = [key(item) for item in items]
+        new = [n for n, k in enumerate(keys) if k not in self.rows]
+        if new:
+            for n, row in zip(new, encode([items[n] for n in new]), strict=True):
+                self.rows[keys[n]] = row
+        rows = torch.stack([self.rows[k] for k in keys])
+        for k in keys:
+            self.rows.move_to_end(k)
+        while len(self.rows) > self.capacity:
+            self.rows.popitem(last=False)
+        return rows
+
+
+def _encode_all(
+    batches: Iterable, encode: Callable, total: int, progress: Progress, description: str
+) -> torch.Tensor:
+    return torch.cat([encode(batch).cpu() for batch in progress(batches, total, description)])
+
+
+@register_method("dafm")
+class DAFM(CIRMethod):
+    """Per-query weighted fusion of trained members' similarities (gate: ~(ΣD + 4M)·h)."""
+
+    encodes_raw_inputs = True
+    # DAFM's own backbone (the trainer's `backbone`) only identifies the run and places the
+    # members on its device: it is never trained nor stored, like a frozen backbone.
+    frozen_backbone = True
+    # False: every member weighs 1/M (`dafm-equal`), no gate.
+    adaptive = True
+
+    def __init__(self, backbone: Backbone, **config):
+        super().__init__(backbone)
+        config = DAFMConfig(**config)
+        self.backbone.requires_grad_(False)
+        loaded = [_load_member(p, n, backbone) for n, p in enumerate(config.members, 1)]
+        hashes = tuple(sha for _, sha in loaded)
+        # A new DAFM has no recorded hashes (nothing to check); a saved one has one per member.
+        for n, (path, saved, now) in enumerate(
+            zip(config.members, config.member_sha256, hashes, strict=False), 1
+        ):
+            if saved != now:
+                raise ValueError(
+                    f"dafm member {n} ({path}) has changed since this DAFM was trained "
+                    f"(weights sha256 {now[:12]}, trained over {saved[:12]}): restore that "
+                    "checkpoint, or train DAFM again over the current members"
+                )
+        # Absolute paths: the saved config must load the members from any directory.
+        members = tuple(str(Path(p).absolute()) for p in config.members)
+        self.config = replace(config, members=members, member_sha256=hashes)
+        self.members = nn.ModuleList(member for member, _ in loaded)
+        self.members.requires_grad_(False)
+        self.member_names = _unique_names(member.name for member in self.members)
+        with torch.no_grad():  # each member's embedding width, from one blank image
+            probe = [Image.new("RGB", (32, 32), (127, 127, 127))]
+            self.dims = [m.encode_target_images(probe).shape[-1] for m in self.members]
+        width = sum(self.dims)
+        self.memo = _Memo(MEMO_BYTES // (4 * width))  # rows of ΣD float32
+        if self.adaptive:
+            count = len(self.members)
+            self.gate = nn.Sequential(  # [B, ΣD + 4M] -> [B, M] logits
+                nn.Linear(width + STATISTICS * count, config.hidden),
+                nn.ReLU(),
+                nn.Dropout(config.dropout),
+                nn.Linear(config.hidden, count),
+            )
+            nn.init.zeros_(self.gate[-1].weight)  # start as the equal-weight fusion
+            nn.init.zeros_(self.gate[-1].bias)
+            # Member target embeddings of K training images, side by side: [K, ΣD].
+            self.register_buffer("anchors", torch.zeros(config.anchors, width))
+            # DAFM's target embeddings of every training image [I, ΣD], while it trains (set
+            # by `training_features`; not saved).
+            self.register_buffer("training_gallery", None, persistent=False)
+        # The members live in their own checkpoints (named and hashed in the config), so
+        # DAFM's state leaves them out, and loading it keeps the members as they are.
+        self.register_state_dict_post_hook(_leave_out_members)
+        self.register_load_state_dict_pre_hook(_keep_members)
+
+    def train(self, mode: bool = True) -> DAFM:
+        super().train(mode)
+        self.backbone.eval()
+        self.members.eval()  # frozen: no dropout in the members while the gate trains
+        return self
+
+    # -- the members ---------------------------------------------------------------------
+
+    def split(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`[B, ΣD]` -> one `[B, D_m]` block per member."""
+        return torch.split(features, self.dims, dim=-1)
+
+    @torch.no_grad()
+    def member_query_features(self, queries: Sequence[RawQuery]) -> torch.Tensor:
+        """`[B, ΣD]`: every member's query embedding (its own preparation, preprocessing and
+        space), side by side."""
+        device = self.backbone.device
+
+        def encode(batch: Sequence[RawQuery]) -> torch.Tensor:
+            return torch.cat([m.encode_raw_queries(batch).to(device) for m in self.members], -1)
+
+        return self.memo.embed(queries, _query_key, encode)
+
+    @torch.no_grad()
+    def member_target_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """`[N, ΣD]`: every member's target embedding of the images, side by side."""
+        device = self.backbone.device
+
+        def encode(batch: Sequence[Image.Image]) -> torch.Tensor:
+            return torch.cat([m.encode_target_images(batch).to(device) for m in self.members], -1)
+
+        return self.memo.embed(images, _image_key, encode)
+
+    # -- the gate ------------------------------------------------------------------------
+
+    def score_statistics(self, query_features: torch.Tensor) -> torch.Tensor:
+        """`[B, ΣD]` member query embeddings -> `[B, 4M]`: per member, the max, mean, std and
+        normalised entropy of its cosines to the K anchor targets of its space."""
+        statistics = []
+        for query, anchors in zip(
+            self.split(query_features), self.split(self.anchors), strict=True
+        ):
+            cosines = query @ anchors.T  # [B, K]
+            p = torch.softmax(cosines / STATISTICS_TEMPERATURE, dim=-1)
+            entropy = -(p * torch.log(p.clamp(min=1e-12))).sum(-1) / math.log(len(anchors))
+            statistics += [cosines.amax(-1), cosines.mean(-1), cosines.std(-1), entropy]
+        return torch.stack(statistics, dim=-1)
+
+    def member_weights(self, query_features: torch.Tensor) -> torch.Tensor:
+        """w(q) `[B, M]`, each row summing to one, from the member query embeddings `[B, ΣD]`."""
+        if not self.adaptive:
+            return query_features.new_full(
+                (len(query_features), len(self.dims)), 1 / len(self.dims)
+            )
+        inputs = torch.cat([query_features, self.score_statistics(query_features)], dim=-1)
+        return torch.softmax(self.gate(inputs), dim=-1)
+
+    # -- one space: the fused query and target embeddings --------------------------------
+
+    def encode_queries_from_features(
+        self, query_features: torch.Tensor, text_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Member query embeddings `[B, ΣD]` -> normalize([w_1 q_1 ‖ … ‖ w_M q_M]) `[B, ΣD]`.
+        `text_features` is unused (the trainer's batches carry an empty `[B, 0]`): the
+        members' query embeddings already hold the texts."""
+        weights = self.member_weights(query_features)  # [B, M]
+        sizes = torch.tensor(self.dims, device=weights.device)
+        return F.normalize(query_features * weights.repeat_interleave(sizes, dim=-1), dim=-1)
+
+    def encode_targets_from_features(self, target_features: torch.Tensor) -> torch.Tensor:
+        """Member target embeddings `[N, ΣD]` -> [g_1 ‖ … ‖ g_M] / √M, unit length."""
+        return target_features / math.sqrt(len(self.dims))
+
+    def fused_scores(self, queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Σ_m w_m cos_m(q_m, g_m) `[Q, N]` from DAFM embeddings `[Q, ΣD]`, `[N, ΣD]`.
+
+        Query block m is w_m q_m / ‖w‖, so its norm is w_m / ‖w‖ and the block norms sum to
+        1 / ‖w‖ (the weights sum to one); target block m is g_m / √M. Hence
+        Σ_m w_m cos_m = √M · (query · target) / Σ_m ‖query block m‖.
+        """
+        block_norms = torch.stack([b.norm(dim=-1) for b in self.split(queries)], dim=-1)
+        return math.sqrt(len(self.dims)) * (queries @ targets.T) / block_norms.sum(-1, True)
+
+    def embedding_loss(
+        self,
+        queries: torch.Tensor,
+        targets: torch.Tensor,
+        temperature: float | torch.Tensor,
+        state: TrainingState,
+    ) -> torch.Tensor:
+        """InfoNCE on the fused similarity of each query to every training image; the
+        positive is the query's target."""
+        gallery = self.training_gallery  # [I, ΣD]
+        if gallery is None:
+            raise RuntimeError("dafm trains from `training_features` (the trainer calls it)")
+        # Each target is a row of the gallery, so its best match there is itself.
+        labels = (targets @ gallery.T).argmax(dim=-1)  # [B]
+        logits = self.fused_scores(queries, gallery) / temperature  # [B, I]
+        return F.cross_entropy(logits, labels)
+
+    # -- the contract, on raw inputs -----------------------------------------------------
+
+    def encode_raw_queries(self, queries: Sequence[RawQuery]) -> torch.Tensor:
+        return self.encode_queries_from_features(self.member_query_features(queries))
+
+    def encode_target_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self.encode_targets_from_features(self.member_target_features(images))
+
+    @torch.no_grad()
+    def explain_raw(self, queries: Sequence[RawQuery]) -> dict:
+        """Per query: each member's weight, by member name."""
+        weights = self.member_weights(self.member_query_features(queries))  # [B, M]
+        return {
+            "member_weights": [
+                dict(zip(self.member_names, row, strict=True)) for row in weights.tolist()
+            ]
+        }
+
+    def encode_queries(self, reference_pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        raise TypeError(_PIXELS)
+
+    def encode_targets(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise TypeError(_PIXELS)
+
+    def explain(self, reference_pixels: torch.Tensor, texts: list[str]) -> dict:
+        raise TypeError(_PIXELS)
+
+    # -- training ------------------------------------------------------------------------
+
+    def training_features(
+        self, pairs: Pairs, batch_size: int, workers: int, progress: Progress
+    ) -> FeaturePairs:
+        """The members' embeddings of the training pairs, computed once: queries `[P, ΣD]`
+        and targets `[I, ΣD]` (one row per image of `pairs.images`). Also fixes the anchor
+        targets of the score statistics (K images spread evenly over the training images)
+        and the training gallery the loss ranks against."""
+        # The trainer's data module imports the methods: import it when the trainer calls.
+        from circe.train.data import FeaturePairs, QueryFeatures
+
+        gallery = pairs.split.gallery
+        images = _encode_all(
+            loaded_batches(pairs.images, gallery.open, batch_size, workers),
+            self.member_target_features,
+            -(-len(pairs.images) // batch_size),
+            progress,
+            "member targets",
+        )  # [I, ΣD]
+        queries = _encode_all(
+            loaded_batches(range(len(pairs)), pairs.raw_query, batch_size, workers),
+            self.member_query_features,
+            -(-len(pairs) // batch_size),
+            progress,
+            "member queries",
+        )  # [P, ΣD]
+        if self.adaptive:
+            rows = torch.linspace(0, len(images) - 1, len(self.anchors)).round().long()
+            self.anchors.copy_(images[rows])
+            fused = self.encode_targets_from_features(images)  # [I, ΣD]
+            self.training_gallery = fused.to(self.anchors.device)
+        no_text = torch.empty(len(pairs.texts), 0)  # [T, 0]: the queries hold the texts
+        queries = QueryFeatures(reference_features=queries, texts=pairs.texts, text=pairs.text)
+        return FeaturePairs(pairs, images, no_text, queries)
+
+
+def _leave_out_members(module: DAFM, state: dict, prefix: str, local_metadata: dict) -> None:
+    for key in [k for k in state if k.startswith(f"{prefix}members.")]:
+        del state[key]
+
+
+def _keep_members(module: DAFM, state: dict, prefix: str, *_) -> None:
+    """Before DAFM's state is loaded: give every member its own current weights."""
+    for key, value in module.members.state_dict(prefix=f"{prefix}members.").items():
+        state.setdefault(key, value)
+
+
+@register_method("dafm-equal")
+class DAFMEqual(DAFM):
+    """Baseline: every member weighs 1/M for every query (nothing to train)."""
+
+    trainable = False
+    adaptive = False
