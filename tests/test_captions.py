@@ -106,7 +106,8 @@ def test_circe_caption_writes_the_file_dqu_cir_reads(blip_dir, split, tmp_path):
     result = CliRunner().invoke(app, [*args, "--max-new-tokens", "2", "--batch-size", "3"])
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text()) == {i: "red red" for i in data.gallery.ids}
-    missing = CliRunner().invoke(app, ["caption", "--model", str(tmp_path), "--out", str(out)])
+    no_model = ["caption", "--model", str(tmp_path), "--out", str(out), "--root", str(root)]
+    missing = CliRunner().invoke(app, no_model)
     assert missing.exit_code == 2 and "no config.json" in missing.output
 
 
