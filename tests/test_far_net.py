@@ -66,10 +66,9 @@ def randomised(method):
     return method
 
 
-def query_inputs(backbone, texts):
+def random_pixels(backbone, count):
     size = backbone.identity.image_size
-    pixels = torch.randn(len(texts), 3, size, size, generator=torch.Generator().manual_seed(0))
-    return pixels, texts
+    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
 def test_token_cache_round_trip(far_net, tiny_backbone, bench, tmp_path):
@@ -129,7 +128,7 @@ def test_the_token_cache_is_computed_once_then_hit(config, tmp_path, monkeypatch
     pairs = Pairs.from_split(load_split("synthetic", config.root, "train"))
     references = len(pairs.reference.unique())
     # Pooled features of every image (targets), tokens of the references and of the texts,
-    # and FAR-Net's one-row probe of each tower's token width.
+    # and FAR-Net's one-row probe of each tower's token shape.
     assert encoded == {
         "encode_image": len(pairs.images) + references + 1,
         "encode_text": len(pairs.texts) + 1,
@@ -144,11 +143,8 @@ def test_the_token_cache_is_computed_once_then_hit(config, tmp_path, monkeypatch
 
 def test_padding_changes_nothing(far_net, tiny_backbone):
     method = randomised(far_net)
-    pixels, texts = query_inputs(
-        tiny_backbone, ["make the circle red", "remove the big blue square"]
-    )
-    image = method.backbone_image_tokens(pixels)
-    text = method.backbone_text_tokens(texts)
+    image = method.backbone_image_tokens(random_pixels(tiny_backbone, 2))
+    text = method.backbone_text_tokens(["make the circle red", "remove the big blue square"])
     assert not text.mask.all()  # the short text has padding
     noise = torch.randn(text.tokens.shape, generator=torch.Generator().manual_seed(2))
     noisy = TokenFeatures(
@@ -161,14 +157,13 @@ def test_padding_changes_nothing(far_net, tiny_backbone):
     # ... while a real word does change the query.
     changed = TokenFeatures(text.pooled, text.tokens.clone(), text.mask)
     changed.tokens[0, 1] += 1.0
-    difference = method.encode_queries_from_features(
-        image, changed
-    ) - method.encode_queries_from_features(image, text)
+    queries = method.encode_queries_from_features(image, changed)
+    difference = queries - method.encode_queries_from_features(image, text)
     assert difference[0].abs().max() > 1e-4 and difference[1].abs().max() == 0
 
 
 def test_at_initialisation_far_net_is_the_feature_sum(far_net, tiny_backbone):
-    pixels, texts = query_inputs(tiny_backbone, ["add a red circle", "move the square left"])
+    pixels, texts = random_pixels(tiny_backbone, 2), ["add a red circle", "move the square left"]
     feature_sum = create_method("sum", tiny_backbone)
     with torch.no_grad():
         torch.testing.assert_close(
@@ -190,7 +185,7 @@ def test_stages_and_explanations(name, keys, tiny_backbone):
         "region_attention" in keys,
         "image_share" in keys,
     )
-    pixels, texts = query_inputs(tiny_backbone, ["add a red circle", "remove the square"])
+    pixels, texts = random_pixels(tiny_backbone, 2), ["add a red circle", "remove the square"]
     explanation = method.explain(pixels, texts)
     assert set(explanation) == keys
     if "region_attention" in explanation:  # 32 px images, 8 px patches: a 4 x 4 grid
