@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from circe.backbones import build_openclip_model, load_backbone
+from circe.data.synthetic import SynthConfig, write_synthetic
 
 TINY_CONFIG = {
     "embed_dim": 32,
@@ -38,3 +39,19 @@ def tiny_backbone(tiny_weights):
 def default_backbone():
     """The shipped circe-tiny with its committed weights."""
     return load_backbone("default")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is faster, and steadier when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """A tiny synthetic benchmark, one per test module (tests may add files to it)."""
+    root = tmp_path_factory.mktemp("bench") / "synthetic"
+    return write_synthetic(root, SynthConfig(train=96, val=24, test=24, test_unseen=8))

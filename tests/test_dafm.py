@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 from circe.bench_fusion import write_random_member
 from circe.cli import app
 from circe.data.batching import raw_query
-from circe.data.synthetic import SynthConfig, write_synthetic
 from circe.eval.evaluate import encode_gallery, encode_queries, score_matrix
 from circe.methods import create_method, method_class
 from circe.train.checkpoint import load_trained_method
@@ -21,21 +20,6 @@ from circe.train.data import load_split
 from circe.train.trainer import Trainer, train
 
 REAL, WORDS, RANDOM = 0, 1, 2  # the members, in order: combiner, dqu-cir, random combiner
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is faster, and steadier when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dafm-bench") / "synthetic"
-    return write_synthetic(root, SynthConfig(train=96, val=24, test=24, test_unseen=8))
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from circe.data.synthetic import SynthConfig, write_synthetic
 from circe.methods import create_method
 from circe.methods.base import TokenFeatures
 from circe.progress import no_progress
@@ -13,21 +12,6 @@ from circe.train.config import TrainConfig
 from circe.train.data import Pairs, load_split
 from circe.train.runlog import read_log
 from circe.train.trainer import train
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and steadier when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    root = tmp_path_factory.mktemp("far-net-bench") / "synthetic"
-    return write_synthetic(root, SynthConfig(train=96, val=24, test=24, test_unseen=8))
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from PIL import Image, ImageChops
 from typer.testing import CliRunner
 
 from circe.cli import app
-from circe.data.synthetic import SynthConfig, scene_from_json, write_synthetic
+from circe.data.synthetic import scene_from_json
 from circe.methods import create_method
 from circe.methods.base import TokenFeatures
 from circe.pseudo_targets.generate import create_generator, generate_pseudo_targets
@@ -21,21 +21,6 @@ from circe.train.config import TrainConfig
 from circe.train.data import load_split
 from circe.train.runlog import read_log
 from circe.train.trainer import train
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and steadier when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tmcir-bench") / "synthetic"
-    return write_synthetic(root, SynthConfig(train=96, val=24, test=24, test_unseen=8))
 
 
 def scene_editor_targets(bench, out, noise, limit=None):

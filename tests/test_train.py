@@ -7,28 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from circe.data.synthetic import SynthConfig, write_synthetic
 from circe.train import checkpoint as checkpoint_module
 from circe.train.checkpoint import load_checkpoint, load_trained_method, save_checkpoint
 from circe.train.config import TrainConfig
 from circe.train.data import epoch_plan
 from circe.train.runlog import read_log
 from circe.train.trainer import resume, train
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and steadier when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train-bench") / "synthetic"
-    return write_synthetic(root, SynthConfig(train=96, val=24, test=24, test_unseen=8))
 
 
 @pytest.fixture
