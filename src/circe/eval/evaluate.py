@@ -42,11 +42,18 @@ def encode_gallery(
         return torch.cat(
             [method.encode_target_images(b).cpu() for b in progress(images, total, "gallery")]
         )
+    return _encode_gallery_pixels(
+        method, split, method.encode_targets, batch_size, workers, progress
+    )
+
+
+def _encode_gallery_pixels(method, split, encode, batch_size, workers, progress) -> torch.Tensor:
+    """`encode(pixels)` of every gallery image, batch by batch, rows in gallery order."""
+    ids = split.gallery.ids
     batches = image_batches(split.gallery, ids, method.backbone.preprocess, batch_size, workers)
     device = method.backbone.device
-    return torch.cat(
-        [method.encode_targets(b.to(device)).cpu() for b in progress(batches, total, "gallery")]
-    )
+    total = -(-len(ids) // batch_size)
+    return torch.cat([encode(b.to(device)).cpu() for b in progress(batches, total, "gallery")])
 
 
 @torch.no_grad()
@@ -114,21 +121,12 @@ def frozen_gallery_features(
     key = (method.backbone.identity.short(), tuple(split.gallery.ids))
     if key not in memo:
         method.eval()
-        ids = split.gallery.ids
-        device = method.backbone.device
-        total = -(-len(ids) // batch_size)
         # The image loader draws a seed from the global RNG; only the first call of a run
         # loads, so without the fork a resumed run's dropout would differ from an
         # uninterrupted one's.
         with torch.random.fork_rng(devices=[]):
-            batches = image_batches(
-                split.gallery, ids, method.backbone.preprocess, batch_size, workers
-            )
-            memo[key] = torch.cat(
-                [
-                    method.backbone_image_features(b.to(device)).cpu()
-                    for b in progress(batches, total, "gallery")
-                ]
+            memo[key] = _encode_gallery_pixels(
+                method, split, method.backbone_image_features, batch_size, workers, progress
             )
     return memo[key]
 
