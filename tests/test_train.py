@@ -2,17 +2,19 @@
 
 import json
 import os
+from collections import Counter
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from circe.train import checkpoint as checkpoint_module
+from circe.train import trainer as trainer_module
 from circe.train.checkpoint import load_checkpoint, load_trained_method, save_checkpoint
 from circe.train.config import TrainConfig
-from circe.train.data import epoch_plan
+from circe.train.data import epoch_plan, load_split
 from circe.train.runlog import read_log
-from circe.train.trainer import resume, train
+from circe.train.trainer import resume, train, trained
 
 
 @pytest.fixture
@@ -70,6 +72,24 @@ def test_resume_continues_exactly(config, tmp_path, feature_cache):
     losses = [r["loss"] for r in read_log(tmp_path / "whole", "step")]
     assert [r["loss"] for r in read_log(tmp_path / "parts", "step")] == losses
     assert resumed.results["test"] == whole.results["test"]
+
+
+def test_trained_continues_an_interrupted_run_then_reuses_it(config, tmp_path, monkeypatch):
+    # How benches keep their runs (`--runs`): interrupted -> continued, finished -> read back.
+    config = config.replace(epochs=2, eval_every=0)
+    run = tmp_path / "run"
+    assert trained(config.replace(max_steps=3), run, progress=False) is None  # interrupted
+    assert not (run / "results.json").exists()
+    results = trained(config, run, progress=False)  # goes on from `last`
+    assert results["global_step"] == 2 * (96 // 16) and results["test"]["test"]["R@1"] >= 0
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run must be reused, not trained again")
+
+    monkeypatch.setattr(trainer_module, "Trainer", no_training)
+    assert trained(config.replace(threads=1), run, progress=False) == results  # execution only
+    with pytest.raises(ValueError, match="other settings \\(lr\\)"):
+        trained(config.replace(lr=1e-3), run, progress=False)
 
 
 def test_feature_cache_is_computed_once_and_reused(config, tmp_path, monkeypatch):
@@ -225,14 +245,35 @@ def test_bench_quality_and_cache_speed_write_their_tables(config, tmp_path):
 
     out = tmp_path / "results"
     base = config.replace(epochs=1, eval_every=0)
-    record = quality(base, out, seeds=(0, 1), methods=["sum", "combiner"], progress=False)
-    trained, zero_shot = record["methods"]["combiner"], record["methods"]["sum"]
-    assert len(trained["test_unseen"]["R@10"]["seeds"]) == 2 and trained["trainable"]
-    assert trained["parameters"]["trainable"] > 0 and trained["train_seconds"]["mean"] > 0
+    runs = tmp_path / "runs"
+    record = quality(
+        base, out, seeds=(0, 1), methods=["sum", "combiner"], progress=False, runs_dir=runs
+    )
+    combiner, zero_shot = record["methods"]["combiner"], record["methods"]["sum"]
+    assert len(combiner["test_unseen"]["R@10"]["seeds"]) == 2 and combiner["trainable"]
+    assert combiner["parameters"]["trainable"] > 0 and combiner["train_seconds"]["mean"] > 0
     assert zero_shot["test"]["R@50"]["std"] == 0 and zero_shot["parameters"]["trainable"] == 0
     assert json.loads((out / "quality.json").read_text()) == record
     table = (out / "quality.md").read_text()
     assert "| `combiner` |" in table and "| `sum` |" in table and " ± " in table
+    # Per edit kind: each query has one kind, so the kinds' R@1 weighted by their query
+    # counts is the overall R@1, for every seed.
+    queries = load_split("synthetic", config.root, "test").queries
+    counts = Counter(tag for q in queries for tag in q.tags)
+    for entry in (combiner, zero_shot):
+        kinds = entry["per_kind"]["test"]
+        assert set(kinds) == set(counts) and "move" in kinds
+        for seed, overall in enumerate(entry["test"]["R@1"]["seeds"]):
+            weighted = sum(kinds[k]["R@1"]["seeds"][seed] * n for k, n in counts.items())
+            assert weighted / len(queries) == pytest.approx(overall)
+    assert "R@1 per edit kind" in table and "| method | add |" in table
+    # The runs are kept, and a second bench reads them back instead of training again.
+    assert (runs / "combiner" / "seed-1" / "results.json").is_file()
+    again = quality(
+        base, tmp_path / "again", seeds=(0, 1), methods=["combiner"], progress=False, runs_dir=runs
+    )
+    assert again["methods"]["combiner"]["test"] == combiner["test"]
+    assert again["methods"]["combiner"]["train_seconds"] == combiner["train_seconds"]
 
     speed = cache_speed(config, out)
     runs = speed["runs"]

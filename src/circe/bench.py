@@ -21,7 +21,7 @@ import torch
 from circe.eval.evaluate import evaluate
 from circe.train.config import TrainConfig
 from circe.train.data import load_split
-from circe.train.trainer import Trainer, train
+from circe.train.trainer import Trainer, trained
 
 TEST_SPLITS = ("test", "test_unseen")
 KS = (1, 5, 10, 50)
@@ -64,10 +64,13 @@ def quality(
     methods: Sequence[str] | None = None,
     command: str = "circe bench quality",
     progress: bool = True,
+    runs_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Every method on `base`'s data set and backbone: zero-shot methods are evaluated once
     (they have no randomness), trainable ones trained once per seed with `base` (seed
-    replaced). Writes `quality.json` and `quality.md` in `out_dir`; returns the record."""
+    replaced; runs kept in `runs_dir` when given, see `_trained_runs`). Recall is recorded
+    overall and per edit kind (query tag). Writes `quality.json` and `quality.md` in
+    `out_dir`; returns the record."""
     from circe.backbones import load_backbone
     from circe.methods import create_method, list_methods, method_class
 
@@ -86,18 +89,25 @@ def quality(
         record["benchmark"] = json.loads(meta.read_text())
     backbone = load_backbone(base.backbone, base.backbone_weights)
     record["backbone"] = backbone.identity.short()
-    splits = {split: load_split(base.dataset, base.root, split, base.protocol) for split in TEST_SPLITS}
+    splits = {
+        split: load_split(base.dataset, base.root, split, base.protocol) for split in TEST_SPLITS
+    }
     for name in names:
         if not method_class(name).trainable:
             method = create_method(name, backbone)
+            results = {split: evaluate(method, data, ks=KS) for split, data in splits.items()}
             entry = {
                 "trainable": False,
                 **{
+                    split: {metric: _summary([v]) for metric, v in result.metrics.items()}
+                    for split, result in results.items()
+                },
+                "per_kind": {
                     split: {
-                        metric: _summary([value])
-                        for metric, value in evaluate(method, data, ks=KS).metrics.items()
+                        kind: {metric: _summary([v]) for metric, v in values.items()}
+                        for kind, values in result.per_tag.items()
                     }
-                    for split, data in splits.items()
+                    for split, result in results.items()
                 },
                 "train_seconds": _summary([0.0]),
                 "parameters": {
@@ -106,13 +116,25 @@ def quality(
                 },
             }
         else:
-            runs = _trained_runs(replace(base, method=name), seeds, progress)
+            runs = _trained_runs(replace(base, method=name), seeds, progress, runs_dir)
             entry = {
                 "trainable": True,
                 **{
                     split: {
                         metric: _summary([run["test"][split][metric] for run in runs])
                         for metric in runs[0]["test"][split]
+                    }
+                    for split in TEST_SPLITS
+                },
+                "per_kind": {
+                    split: {
+                        kind: {
+                            metric: _summary(
+                                [run["test_per_kind"][split][kind][metric] for run in runs]
+                            )
+                            for metric in values
+                        }
+                        for kind, values in runs[0]["test_per_kind"][split].items()
                     }
                     for split in TEST_SPLITS
                 },
@@ -126,12 +148,16 @@ def quality(
     return record
 
 
-def _trained_runs(config: TrainConfig, seeds: Sequence[int], progress: bool) -> list[dict]:
-    """`results.json` of one training run of `config` per seed (run directories discarded)."""
+def _trained_runs(
+    config: TrainConfig, seeds: Sequence[int], progress: bool, runs_dir: Path | None = None
+) -> list[dict]:
+    """`results.json` of one training run of `config` per seed, kept in
+    `runs_dir/METHOD/seed-N` (finished runs there are reused, interrupted ones continued) or,
+    without `runs_dir`, discarded."""
     with tempfile.TemporaryDirectory(prefix="circe-bench-") as scratch:
+        where = Path(runs_dir or scratch) / config.method
         return [
-            train(replace(config, seed=seed), Path(scratch) / f"seed-{seed}", progress).results
-            for seed in seeds
+            trained(replace(config, seed=seed), where / f"seed-{seed}", progress) for seed in seeds
         ]
 
 
@@ -164,7 +190,34 @@ def quality_markdown(record: dict[str, Any]) -> str:
             cells.append(f"{entry[seconds]['mean']:.1f}" if entry["trainable"] else "—")
         cells.append(f"{entry['parameters']['trainable']:,}")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _per_kind_lines(record)) + "\n"
+
+
+def _per_kind_lines(record: dict[str, Any]) -> list[str]:
+    """Test R@1 per edit kind (the queries' tags), one column per kind: which edits a
+    method gets right (moves need the region-word alignment that token methods claim)."""
+    entries = record["methods"]
+    split = TEST_SPLITS[0]
+    kinds = sorted(
+        {k for entry in entries.values() for k in entry.get("per_kind", {}).get(split, {})}
+    )
+    if not kinds:
+        return []
+    lines = [
+        "",
+        f"`{split}` R@1 per edit kind (mean ± std over seeds):",
+        "",
+        "| method | " + " | ".join(kinds) + " |",
+        "|" + "---|" * (len(kinds) + 1),
+    ]
+    for name, entry in entries.items():
+        cells = [f"`{name}`"]
+        for kind in kinds:
+            value = entry.get("per_kind", {}).get(split, {}).get(kind, {}).get("R@1")
+            spread = f" ± {value['std']:.1f}" if value and entry["trainable"] else ""
+            cells.append(f"{value['mean']:.1f}{spread}" if value else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 # ---------------------------------------------------------------------------------- label noise

@@ -35,7 +35,7 @@ from circe.methods.dafm import DAFM
 from circe.train.checkpoint import load_checkpoint, load_trained_method, save_checkpoint
 from circe.train.config import TrainConfig
 from circe.train.data import load_split
-from circe.train.trainer import train
+from circe.train.trainer import trained
 
 DEFAULT_MEMBERS = ("combiner", "dwc", "dqu-cir")
 RANDOM = "random"  # the label of the member with random weights
@@ -100,13 +100,13 @@ def _seed_run(
     """Train the members and DAFM with `config`; score everything; measure the cost."""
     paths, train_seconds = [], {}
     for name in members:
-        results = train(replace(config, method=name), scratch / name, progress).results
+        results = trained(replace(config, method=name), scratch / name, progress)
         paths.append(str(scratch / name / "best"))
         train_seconds[name] = results["train_seconds"]
     if random_member:
         paths.append(str(write_random_member(paths[0], scratch / RANDOM, config.seed)))
     fused = replace(config, method="dafm", method_config={"members": paths})
-    results = train(fused, scratch / "dafm", progress).results
+    results = trained(fused, scratch / "dafm", progress)
     train_seconds["dafm"] = results["train_seconds"]
     dafm = load_trained_method(scratch / "dafm" / "best")
     equal = create_method("dafm-equal", dafm.backbone, members=paths)
@@ -165,9 +165,12 @@ def fusion(
     random_member: bool = False,
     command: str = "circe bench fusion",
     progress: bool = True,
+    runs_dir: Path | None = None,
 ) -> dict[str, Any]:
     """DAFM over `members` (plus a random one) against each member and `dafm-equal`, over
-    seeds. Writes `fusion.json` and `fusion.md` in `out_dir`; returns the record."""
+    seeds. Training runs are kept in `runs_dir/seed-N/METHOD` when given (finished ones
+    reused, interrupted ones continued). Writes `fusion.json` and `fusion.md` in `out_dir`;
+    returns the record."""
     if len(members) + random_member < 2:
         raise ValueError("fusion needs at least two members (or one and --random-member)")
     # The bench tests every model itself, from one pass of the members over each split.
@@ -176,7 +179,7 @@ def fusion(
         runs = [
             _seed_run(
                 replace(base, seed=seed),
-                Path(scratch) / f"seed-{seed}",
+                Path(runs_dir or scratch) / f"seed-{seed}",
                 members,
                 random_member,
                 progress,

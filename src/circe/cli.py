@@ -404,6 +404,18 @@ def _command_line() -> str:
     return " ".join(["circe", *sys.argv[1:]])
 
 
+# Where a bench keeps its training runs: an interrupted bench given the same directory goes
+# on where it stopped, and finished runs are reused (DAFM over members trained before).
+RunsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--runs",
+        help="Keep the training runs in DIR/METHOD/seed-N; finished ones there are reused, "
+        "interrupted ones continued (default: temporary, discarded).",
+    ),
+]
+
+
 @bench_app.command("quality")
 def bench_quality(
     root: Annotated[Path, typer.Option(help="Data set directory.")] = DEFAULT_SYNTHETIC_ROOT,
@@ -417,6 +429,7 @@ def bench_quality(
     backbone: BackboneOption = "default",
     weights: WeightsOption = None,
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads (0: default).")] = None,
+    runs: RunsOption = None,
 ) -> None:
     """Evaluate every zero-shot method and train every trainable one over seeds; write
     quality.json and quality.md."""
@@ -432,7 +445,7 @@ def bench_quality(
             backbone_weights=None if weights is None else str(weights),
             threads=threads,
         )
-        record = quality(base, out, range(seeds), method, _command_line())
+        record = quality(base, out, range(seeds), method, _command_line(), runs_dir=runs)
     except (FileNotFoundError, WeightsNotFoundError, TypeError, ValueError) as error:
         raise _fail(str(error)) from None
     console.print((out / "quality.md").read_text())
@@ -519,6 +532,7 @@ def bench_fusion(
     backbone: BackboneOption = "default",
     weights: WeightsOption = None,
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads (0: default).")] = None,
+    runs: RunsOption = None,
 ) -> None:
     """Train member methods, then DAFM over them; compare DAFM with each member and with
     equal-weight fusion, and measure its cost; write fusion.json and fusion.md."""
@@ -534,7 +548,15 @@ def bench_fusion(
             backbone_weights=None if weights is None else str(weights),
             threads=threads,
         )
-        fusion(base, out, range(seeds), member or DEFAULT_MEMBERS, random_member, _command_line())
+        fusion(
+            base,
+            out,
+            range(seeds),
+            member or DEFAULT_MEMBERS,
+            random_member,
+            _command_line(),
+            runs_dir=runs,
+        )
     except (FileNotFoundError, WeightsNotFoundError, TypeError, ValueError) as error:
         raise _fail(str(error)) from None
     console.print((out / "fusion.md").read_text())

@@ -613,3 +613,32 @@ def resume(
     config = saved.replace(**{k: v for k, v in overrides.items() if k in RESUMABLE_OVERRIDES})
     trainer = Trainer(config, run_dir, progress)
     return trainer.fit(trainer.restore(run_dir / "last"))
+
+
+def trained(
+    config: TrainConfig, run_dir: str | Path, progress: bool = True
+) -> dict[str, Any] | None:
+    """`results.json` of the run of `config` in `run_dir` (None if it stops at `max_steps`):
+    read when the run there finished, continued from its `last` when it was interrupted,
+    trained when there is none. Benches
+    keep their runs this way, so an interrupted bench goes on where it stopped and a later
+    bench (DAFM over trained members) reuses them. A run of another config is an error."""
+    run_dir = Path(run_dir)
+    saved_path = run_dir / "config.json"
+    if not saved_path.is_file():
+        return train(config, run_dir, progress).results
+    saved = TrainConfig.from_dict(json.loads(saved_path.read_text()))
+    wanted, found = config.to_dict(), saved.to_dict()
+    differ = sorted(k for k in wanted if k not in RESUMABLE_OVERRIDES and wanted[k] != found[k])
+    if differ:
+        raise ValueError(
+            f"{run_dir} holds a run with other settings ({', '.join(differ)}): give another "
+            "directory, or delete it to train again"
+        )
+    if (run_dir / "results.json").is_file():
+        return json.loads((run_dir / "results.json").read_text())
+    if not (run_dir / "last").exists():  # stopped before its first checkpoint: nothing kept
+        saved_path.unlink()
+        return train(config, run_dir, progress).results
+    execution = {k: v for k, v in wanted.items() if k in RESUMABLE_OVERRIDES}
+    return resume(run_dir, execution, progress).results
