@@ -533,6 +533,13 @@ def bench_fusion(
     weights: WeightsOption = None,
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads (0: default).")] = None,
     runs: RunsOption = None,
+    gate_split: Annotated[
+        str,
+        typer.Option(
+            help="Split DAFM's gate is trained on: train (the members' own pairs) or val "
+            "(held out from the members; then no model selection)."
+        ),
+    ] = "train",
 ) -> None:
     """Train member methods, then DAFM over them; compare DAFM with each member and with
     equal-weight fusion, and measure its cost; write fusion.json and fusion.md."""
@@ -556,6 +563,7 @@ def bench_fusion(
             random_member,
             _command_line(),
             runs_dir=runs,
+            gate_split=gate_split,
         )
     except (FileNotFoundError, WeightsNotFoundError, TypeError, ValueError) as error:
         raise _fail(str(error)) from None

@@ -59,6 +59,10 @@ class TrainConfig:
     feature_cache: bool = True  # reuse frozen-backbone features across epochs and runs
     cache_dir: str = ".cache/circe/features"
 
+    # The split whose pairs train the method: `train`, or a held-out one for a method that
+    # combines already trained models (DAFM's gate learns whom to trust from queries its
+    # members never saw; on their own training pairs every member looks right).
+    train_split: str = "train"
     eval_split: str = "val"
     eval_every: int = 1  # epochs between validations; 0: never (then `best` = `last`)
     patience: int | None = 5  # validations without improvement before stopping; None: never

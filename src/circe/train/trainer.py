@@ -167,7 +167,7 @@ class Trainer:
         self.objective.to(self.accelerator.device)
 
         self.train_split = method.training_split(
-            load_split(config.dataset, config.root, "train", config.protocol)
+            load_split(config.dataset, config.root, config.train_split, config.protocol)
         )
         self.pairs = Pairs.from_split(self.train_split)
         if config.text_noise:
