@@ -12,7 +12,7 @@ from circe.train import checkpoint as checkpoint_module
 from circe.train import trainer as trainer_module
 from circe.train.checkpoint import load_checkpoint, load_trained_method, save_checkpoint
 from circe.train.config import TrainConfig
-from circe.train.data import epoch_plan, load_split
+from circe.train.data import epoch_plan, load_split, query_subset
 from circe.train.runlog import read_log
 from circe.train.trainer import resume, train, trained
 
@@ -90,6 +90,23 @@ def test_trained_continues_an_interrupted_run_then_reuses_it(config, tmp_path, m
     assert trained(config.replace(threads=1), run, progress=False) == results  # execution only
     with pytest.raises(ValueError, match="other settings \\(lr\\)"):
         trained(config.replace(lr=1e-3), run, progress=False)
+
+
+def test_train_fraction_trains_on_a_seeded_share_of_the_queries(config, tmp_path):
+    split = load_split("synthetic", config.root, "train")
+    half = query_subset(split, 0.5, seed=3)
+    assert len(half.queries) == len(split.queries) // 2
+    assert [q.query_id for q in query_subset(split, 0.5, seed=3).queries] == [
+        q.query_id for q in half.queries
+    ]
+    assert {q.query_id for q in query_subset(split, 0.5, seed=4).queries} != {
+        q.query_id for q in half.queries
+    }
+    with pytest.raises(ValueError, match="train_fraction"):
+        query_subset(split, 0.0, seed=3)
+    run = config.replace(epochs=1, eval_every=0, test_splits=[], train_fraction=0.5)
+    result = train(run, tmp_path / "run", progress=False)
+    assert result.results["global_step"] == (len(split.queries) // 2) // 16
 
 
 def test_feature_cache_is_computed_once_and_reused(config, tmp_path, monkeypatch):

@@ -63,6 +63,9 @@ class TrainConfig:
     # combines already trained models (DAFM's gate learns whom to trust from queries its
     # members never saw; on their own training pairs every member looks right).
     train_split: str = "train"
+    # Train on this share of the split's queries (a subset drawn with `seed`): the few-labels
+    # regime, where a stage that needs no labels (TMCIR's pseudo-target alignment) should pay.
+    train_fraction: float = 1.0
     eval_split: str = "val"
     eval_every: int = 1  # epochs between validations; 0: never (then `best` = `last`)
     patience: int | None = 5  # validations without improvement before stopping; None: never

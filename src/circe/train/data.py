@@ -25,6 +25,18 @@ if TYPE_CHECKING:
 Prepare = Callable[[RawQuery], tuple[Image.Image, str]]
 
 
+def query_subset(split: CIRSplit, fraction: float, seed: int) -> CIRSplit:
+    """`split` with `fraction` of its queries (at least one), drawn with `seed`, in order."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return split
+    generator = torch.Generator().manual_seed(seed)
+    count = max(1, round(fraction * len(split.queries)))
+    keep = sorted(torch.randperm(len(split.queries), generator=generator)[:count].tolist())
+    return replace(split, queries=[split.queries[i] for i in keep])
+
+
 @dataclass
 class Pairs:
     """A split's training triplets as rows into its unique images and texts.

@@ -48,6 +48,7 @@ from circe.train.data import (
     QueryFeatures,
     epoch_plan,
     load_split,
+    query_subset,
     to_device,
 )
 from circe.train.objective import ContrastiveObjective
@@ -166,8 +167,9 @@ class Trainer:
         self.objective = ContrastiveObjective(method, config.temperature, config.learn_temperature)
         self.objective.to(self.accelerator.device)
 
+        split = load_split(config.dataset, config.root, config.train_split, config.protocol)
         self.train_split = method.training_split(
-            load_split(config.dataset, config.root, config.train_split, config.protocol)
+            query_subset(split, config.train_fraction, config.seed)
         )
         self.pairs = Pairs.from_split(self.train_split)
         if config.text_noise:
