@@ -93,3 +93,23 @@ def test_demo_prints_rankings_and_draws_pictures(tmp_path):
     assert len(pictures) == 3
     with Image.open(pictures[0]) as picture:
         assert picture.width > 6 * 128
+
+
+def test_bench_quality_takes_its_settings_from_config_and_flags(bench, tiny_weights, tmp_path):
+    arch, weights = tiny_weights
+    settings = tmp_path / "cfg.yaml"
+    settings.write_text(
+        f"cache_dir: {tmp_path / 'cache'}\neval_batch_size: 64\nepochs: 1\nbatch_size: 16\n"
+    )
+    out = tmp_path / "results"
+    result = run(
+        "bench", "quality", "--config", settings, "--root", bench, "--method", "sum",
+        "--method", "combiner", "--seeds", 1, "--backbone", f"open_clip:{arch}",
+        "--weights", weights, "--threads", 1, "--runs", tmp_path / "runs", "--out", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "quality.json").read_text())
+    train_config = record["train_config"]
+    assert train_config["root"] == str(bench) and train_config["backbone_weights"] == str(weights)
+    assert train_config["epochs"] == 1 and train_config["threads"] == 1
+    assert (tmp_path / "runs" / "combiner" / "seed-0" / "results.json").is_file()

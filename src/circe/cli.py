@@ -391,10 +391,22 @@ BenchOutOption = Annotated[
 ]
 
 
-def _bench_config(config: Path | None, **overrides) -> TrainConfig:
+def _bench_config(
+    config: Path | None,
+    root: Path,
+    threads: int | None,
+    weights: Path | None = None,
+    **overrides,
+) -> TrainConfig:
+    """A bench's TrainConfig: the YAML `config` (or the defaults) with the flags given."""
     from circe.train import TrainConfig
 
     settings = TrainConfig.from_yaml(config) if config else TrainConfig()
+    overrides |= {
+        "root": str(root),
+        "threads": threads,
+        "backbone_weights": None if weights is None else str(weights),
+    }
     settings = settings.replace(**{k: v for k, v in overrides.items() if v is not None})
     _ensure_synthetic(settings.dataset, Path(settings.root))
     return settings
@@ -437,14 +449,7 @@ def bench_quality(
     from circe.bench import quality
 
     try:
-        base = _bench_config(
-            config,
-            root=str(root),
-            epochs=epochs,
-            backbone=backbone,
-            backbone_weights=None if weights is None else str(weights),
-            threads=threads,
-        )
+        base = _bench_config(config, root, threads, weights, epochs=epochs, backbone=backbone)
         record = quality(base, out, range(seeds), method, _command_line(), runs_dir=runs)
     except (FileNotFoundError, WeightsNotFoundError, TypeError, ValueError) as error:
         raise _fail(str(error)) from None
@@ -471,7 +476,7 @@ def bench_label_noise(
     from circe.bench import label_noise
 
     try:
-        base = _bench_config(config, root=str(root), threads=threads)
+        base = _bench_config(config, root, threads)
         label_noise(
             base,
             out,
@@ -501,13 +506,7 @@ def bench_cache_speed(
 
     try:
         base = _bench_config(
-            None,
-            method=method,
-            root=str(root),
-            batch_size=batch_size,
-            backbone=backbone,
-            backbone_weights=None if weights is None else str(weights),
-            threads=threads,
+            None, root, threads, weights, method=method, batch_size=batch_size, backbone=backbone
         )
         cache_speed(base, out, _command_line())
     except (FileNotFoundError, WeightsNotFoundError, TypeError, ValueError) as error:
@@ -547,14 +546,7 @@ def bench_fusion(
     from circe.bench_fusion import DEFAULT_MEMBERS, fusion
 
     try:
-        base = _bench_config(
-            config,
-            root=str(root),
-            epochs=epochs,
-            backbone=backbone,
-            backbone_weights=None if weights is None else str(weights),
-            threads=threads,
-        )
+        base = _bench_config(config, root, threads, weights, epochs=epochs, backbone=backbone)
         fusion(
             base,
             out,
