@@ -422,8 +422,8 @@ RunsOption = Annotated[
     Path | None,
     typer.Option(
         "--runs",
-        help="Keep the training runs in DIR/METHOD/seed-N; finished ones there are reused, "
-        "interrupted ones continued (default: temporary, discarded).",
+        help="Keep the training runs under DIR; finished ones there are reused, interrupted "
+        "ones continued (default: temporary, discarded).",
     ),
 ]
 
