@@ -30,6 +30,26 @@ def tiny_weights(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_train_config(tiny_weights):
+    """`make(root, cache_dir, **fields)`: a TrainConfig on the tiny backbone for the data set
+    at `root`, features cached in `cache_dir`; every other field as given or default."""
+    from circe.train.config import TrainConfig
+
+    arch, weights = tiny_weights
+
+    def make(root, cache_dir, **fields):
+        return TrainConfig(
+            backbone=f"open_clip:{arch}",
+            backbone_weights=str(weights),
+            root=str(root),
+            cache_dir=str(cache_dir),
+            **fields,
+        )
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_backbone(tiny_weights):
     config_path, weights = tiny_weights
     return load_backbone(f"open_clip:{config_path}", weights)

@@ -15,7 +15,6 @@ from circe.data.batching import raw_query
 from circe.eval.evaluate import encode_gallery, encode_queries, score_matrix
 from circe.methods import create_method, method_class
 from circe.train.checkpoint import load_trained_method
-from circe.train.config import TrainConfig
 from circe.train.data import load_split
 from circe.train.trainer import Trainer, train
 
@@ -23,13 +22,10 @@ REAL, WORDS, RANDOM = 0, 1, 2  # the members, in order: combiner, dqu-cir, rando
 
 
 @pytest.fixture(scope="module")
-def config(bench, tiny_weights, tmp_path_factory):
-    arch, weights = tiny_weights
-    return TrainConfig(
-        backbone=f"open_clip:{arch}",
-        backbone_weights=str(weights),
-        root=str(bench),
-        cache_dir=str(tmp_path_factory.mktemp("cache")),
+def config(bench, tiny_train_config, tmp_path_factory):
+    return tiny_train_config(
+        bench,
+        tmp_path_factory.mktemp("cache"),
         batch_size=16,
         lr=1e-2,
         warmup_steps=2,

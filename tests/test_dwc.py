@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from circe.data.synthetic import SynthConfig, write_synthetic
 from circe.methods import create_method
 from circe.methods.base import TrainingState, contrastive_loss
-from circe.train.config import TrainConfig
 from circe.train.data import Pairs, load_split
 from circe.train.losses import (
     mutual_learning_loss,
@@ -145,17 +144,14 @@ def test_text_noise_swaps_a_fraction_of_the_texts(tmp_path):
 
 
 @pytest.mark.parametrize("finetune_text", [False, True], ids=["frozen", "text-tower"])
-def test_dwc_trains_and_its_loss_falls(tiny_weights, tmp_path, finetune_text):
+def test_dwc_trains_and_its_loss_falls(tiny_train_config, tmp_path, finetune_text):
     torch.set_num_threads(1)
     root = write_synthetic(tmp_path / "s", SynthConfig(train=96, val=24, test=24, test_unseen=8))
-    arch, weights = tiny_weights
-    config = TrainConfig(
+    config = tiny_train_config(
+        root,
+        tmp_path / "cache",
         method="dwc",
         method_config={"finetune_text": finetune_text},
-        backbone=f"open_clip:{arch}",
-        backbone_weights=str(weights),
-        root=str(root),
-        cache_dir=str(tmp_path / "cache"),
         epochs=6,
         batch_size=16,
         warmup_steps=2,

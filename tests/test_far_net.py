@@ -8,21 +8,17 @@ from circe.methods import create_method
 from circe.methods.base import TokenFeatures
 from circe.progress import no_progress
 from circe.train.cache import FeatureCache, image_items, image_token_batches, text_token_batches
-from circe.train.config import TrainConfig
 from circe.train.data import Pairs, load_split
 from circe.train.runlog import read_log
 from circe.train.trainer import train
 
 
 @pytest.fixture
-def config(bench, tiny_weights, tmp_path):
-    arch, weights = tiny_weights
-    return TrainConfig(
+def config(bench, tiny_train_config, tmp_path):
+    return tiny_train_config(
+        bench,
+        tmp_path / "cache",
         method="far-net",
-        backbone=f"open_clip:{arch}",
-        backbone_weights=str(weights),
-        root=str(bench),
-        cache_dir=str(tmp_path / "cache"),
         epochs=1,
         batch_size=16,
         warmup_steps=2,

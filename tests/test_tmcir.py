@@ -17,7 +17,6 @@ from circe.pseudo_targets.generate import create_generator, generate_pseudo_targ
 from circe.pseudo_targets.manifest import ID_PREFIX, PseudoTargets, with_pseudo_targets
 from circe.pseudo_targets.scene_editor import MISTAKES
 from circe.train.checkpoint import load_checkpoint, load_trained_method
-from circe.train.config import TrainConfig
 from circe.train.data import load_split
 from circe.train.runlog import read_log
 from circe.train.trainer import train
@@ -242,14 +241,11 @@ def test_diffusers_errors_name_the_fix(bench, tmp_path):
 
 
 @pytest.fixture
-def config(bench, tiny_weights, tmp_path):
-    arch, weights = tiny_weights
-    return TrainConfig(
+def config(bench, tiny_train_config, tmp_path):
+    return tiny_train_config(
+        bench,
+        tmp_path / "cache",
         method="tmcir",
-        backbone=f"open_clip:{arch}",
-        backbone_weights=str(weights),
-        root=str(bench),
-        cache_dir=str(tmp_path / "cache"),
         epochs=3,
         batch_size=16,
         lr=2e-3,

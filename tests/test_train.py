@@ -18,13 +18,10 @@ from circe.train.trainer import resume, train, trained
 
 
 @pytest.fixture
-def config(bench, tiny_weights, tmp_path):
-    arch, weights = tiny_weights
-    return TrainConfig(
-        backbone=f"open_clip:{arch}",
-        backbone_weights=str(weights),
-        root=str(bench),
-        cache_dir=str(tmp_path / "cache"),
+def config(bench, tiny_train_config, tmp_path):
+    return tiny_train_config(
+        bench,
+        tmp_path / "cache",
         epochs=3,
         batch_size=16,
         lr=2e-3,
