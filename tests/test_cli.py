@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+from benchmark_fixtures import write_folder
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -49,6 +51,33 @@ def test_synth_then_eval_compares_methods(tmp_path, tiny_weights):
         "reshape",
         "move",
     }
+
+
+def test_eval_runs_on_the_torch_threads_it_is_given(tmp_path, tiny_weights):
+    """`--threads N` sets torch's CPU threads, as `circe train` does (the autouse fixture
+    set 1 and restores it afterwards)."""
+    config, weights = tiny_weights
+    command = (
+        "eval",
+        "--method",
+        "sum",
+        "--dataset",
+        "folder",
+        "--root",
+        write_folder(tmp_path / "own"),
+        "--backbone",
+        f"open_clip:{config}",
+        "--weights",
+        weights,
+    )
+    result = run(*command, "--threads", 2)
+    assert result.exit_code == 0, result.output
+    assert torch.get_num_threads() == 2
+    result = run(*command, "--threads", 0)  # 0: leave torch's setting alone
+    assert result.exit_code == 0, result.output
+    assert torch.get_num_threads() == 2
+    result = run(*command, "--threads", -1)
+    assert result.exit_code == 2 and "--threads" in result.output
 
 
 def test_user_errors_are_one_clear_line(tmp_path, tiny_weights):

@@ -175,6 +175,7 @@ def evaluate_command(
     weights: WeightsOption = None,
     batch_size: int = 128,
     workers: Annotated[int, typer.Option(help="Image decoding worker processes.")] = 0,
+    threads: Annotated[int, typer.Option(min=0, help="Torch CPU threads (0: default).")] = 0,
     by_kind: Annotated[
         bool, typer.Option(help="Also print metrics per edit kind (CIRCO: semantic aspect).")
     ] = False,
@@ -188,7 +189,9 @@ def evaluate_command(
     from circe.eval.benchmark import score_benchmark
     from circe.eval.evaluate import score_matrix
     from circe.eval.submission import write_submission
+    from circe.threads import set_torch_threads
 
+    set_torch_threads(threads)
     candidates = [
         (name, lambda name=name: _load_method(name, backbone, weights)) for name in method or []
     ]

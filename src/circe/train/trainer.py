@@ -27,6 +27,7 @@ from circe.eval.evaluate import evaluate
 from circe.methods import CIRMethod, FrozenBackboneMethod, create_method, list_methods, method_class
 from circe.methods.base import TrainingState
 from circe.progress import track
+from circe.threads import set_torch_threads
 from circe.train.cache import (
     FeatureCache,
     compute_image_features,
@@ -144,8 +145,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, run_dir: Path, progress: bool = True):
         self.started = time.time()
         self.config, self.run_dir = config, Path(run_dir)
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        set_torch_threads(config.threads)
         # accelerate runs several CPU processes (gloo DDP, e.g. under torchrun) only when told
         # it is on CPUs; "auto" without CUDA means exactly that.
         cpu = config.device == "cpu" or not torch.cuda.is_available()
