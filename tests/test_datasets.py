@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from benchmark_fixtures import (
     F200K_TEST,
     write_circo,
@@ -19,6 +20,7 @@ from circe.data.fashion200k import different_words
 from circe.data.fashioniq import join_captions, load_fashioniq
 from circe.data.registry import check_dataset, load_benchmark, load_split
 from circe.data.types import DatasetFormatError
+from circe.eval.benchmark import score_benchmark
 
 WRITERS = {
     "fashioniq": write_fashioniq,
@@ -202,6 +204,75 @@ def test_folder_gallery_is_recursive_and_queries_come_from_csv_or_jsonl(roots):
     other = load_split("folder", roots["folder"], "other")
     assert other.queries[0].target_ids == ("z.webp", "a/b/y.jpg")
     assert other.queries[1].query_id == "q7"
+
+
+def test_folder_kinds_become_tags_scored_per_kind(tmp_path):
+    """A `kind` column tags its queries (a blank cell: no tag) and the scores come per kind,
+    which is what `circe eval --by-kind` prints."""
+    root = write_folder(tmp_path)
+    (root / "queries.csv").write_text(
+        "reference,text,target,kind\n"
+        "a/x.png,make it blue,a/b/y.jpg,colour\n"
+        "z.webp,make it red,a/x.png,colour\n"
+        "a/b/y.jpg,make it a star,z.webp,\n"
+        "a/x.png,make it round,z.webp, shape\n"
+    )
+    benchmark = load_benchmark("folder", root, "queries")
+    assert [q.tags for q in benchmark.parts[0].queries] == [
+        ("colour",),
+        ("colour",),
+        (),
+        ("shape",),
+    ]
+    # Gallery columns a/b/y.jpg, a/x.png, z.webp (each query's reference masked).
+    scores = torch.tensor(
+        [
+            [3.0, 9.0, 1.0],  # target a/b/y.jpg first once the reference is masked: hit
+            [3.0, 2.0, 9.0],  # target a/x.png behind a/b/y.jpg: miss at 1
+            [9.0, 1.0, 0.0],  # untagged, target z.webp behind a/x.png: miss at 1
+            [1.0, 9.0, 2.0],  # target z.webp first once the reference is masked: hit
+        ]
+    )
+    result = score_benchmark(benchmark, [scores])
+    assert result.metrics["R@1"] == 50.0
+    assert set(result.per_tag) == {"colour", "shape"}
+    assert result.per_tag["colour"]["R@1"] == 50.0 and result.per_tag["colour"]["R@10"] == 100.0
+    assert result.per_tag["shape"]["R@1"] == 100.0
+    # JSONL too, and a file without kinds stays valid: no tags.
+    (root / "tagged.jsonl").write_text(
+        json.dumps({"reference": "a/x.png", "text": "t", "target": "z.webp", "kind": "move"})
+    )
+    assert load_split("folder", root, "tagged").queries[0].tags == ("move",)
+    assert all(not q.tags for q in load_split("folder", root, "other").queries)
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        (
+            'reference,text,kind\na/x.png,make it blue,colour\nz.webp,make it red," "\n',
+            "queries.csv: line 3 has an empty 'kind'",
+        ),
+        (
+            '{"reference": "a/x.png", "text": "t", "kind": ""}\n',
+            "queries.jsonl: line 1 has an empty 'kind'",
+        ),
+        (
+            '{"reference": "a/x.png", "text": "t"}\n'
+            + json.dumps({"reference": "z.webp", "text": "u", "kind": ["colour"]}),
+            "queries.jsonl: line 2 has 'kind' = ['colour'], expected a string",
+        ),
+    ],
+    ids=["csv-blank", "jsonl-empty", "jsonl-list"],
+)
+def test_a_malformed_folder_kind_names_file_and_record(tmp_path, lines, expected):
+    root = write_folder(tmp_path)
+    (root / "queries.csv").unlink()
+    suffix = ".csv" if lines.startswith("reference,") else ".jsonl"
+    (root / f"queries{suffix}").write_text(lines)
+    with pytest.raises(DatasetFormatError) as error:
+        load_split("folder", root, "queries")
+    assert expected in str(error.value)
 
 
 # ----------------------------------------------------------------------------- malformed input

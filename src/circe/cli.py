@@ -177,7 +177,7 @@ def evaluate_command(
     workers: Annotated[int, typer.Option(help="Image decoding worker processes.")] = 0,
     threads: Annotated[int, typer.Option(min=0, help="Torch CPU threads (0: default).")] = 0,
     by_kind: Annotated[
-        bool, typer.Option(help="Also print metrics per edit kind (CIRCO: semantic aspect).")
+        bool, typer.Option(help="Also print metrics per edit kind (CIRCO: aspect; folder: kind).")
     ] = False,
     submission: Annotated[
         Path | None, typer.Option(help="Write the test server's files (CIRR, CIRCO) here.")

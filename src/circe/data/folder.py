@@ -8,10 +8,12 @@ Layout under the root::
 
 An image's id is its path relative to the root, with ``/`` separators ("shoes/red.jpg").
 Each query has ``reference`` (an image id), ``text`` (the modification), optionally
-``target`` (an image id; in JSONL also a list of ids, any of which counts as a hit) and
-``id``. A CSV file has a header row naming its columns. Either every query has a target
-(then the split can be scored: R@1/10/50) or none has. Protocol parameter:
-``mask_reference`` (default yes, the CIRR rule).
+``target`` (an image id; in JSONL also a list of ids, any of which counts as a hit), ``id``
+and ``kind`` (a non-empty tag such as the edit kind, "colour" or "shape": ``circe eval
+--by-kind`` then reports the metrics per kind, as on the synthetic benchmark; a query without
+one counts only in the overall numbers). A CSV file has a header row naming its columns.
+Either every query has a target (then the split can be scored: R@1/10/50) or none has.
+Protocol parameter: ``mask_reference`` (default yes, the CIRR rule).
 """
 
 from __future__ import annotations
@@ -86,9 +88,14 @@ def load_folder(
             where,
             problems,
             {"reference": str, "text": str},
-            optional={"target": (str, ListOf(str)), "id": (str, int)},
+            optional={"target": (str, ListOf(str)), "id": (str, int), "kind": str},
         )
         if values is None:
+            continue
+        kind = values.get("kind")
+        if kind is not None and not kind.strip():
+            # A blank tag would be a kind of its own in the per-kind table, named by nothing.
+            problems.report(f"{where} has an empty 'kind'; give a name or leave it out")
             continue
         target = values.get("target", [])
         queries.append(
@@ -97,6 +104,7 @@ def load_folder(
                 reference_id=values["reference"],
                 texts=(values["text"],),
                 target_ids=(target,) if isinstance(target, str) else tuple(target),
+                tags=() if kind is None else (kind.strip(),),
             )
         )
     if len({bool(q.target_ids) for q in queries}) > 1:
