@@ -84,6 +84,17 @@ def test_words_are_written_where_the_text_goes():
         ("has long heels and is black instead of white", "long heels, black"),
         ("change from red to blue", "blue"),
         ("the same please", "same"),
+        # Free wording: request frames, "no longer X but Y", removals said of the object.
+        ("could you dye the huge blue square red?", "red"),
+        ("I'd like you to turn the square into a circle!", "circle"),
+        ("the triangle is no longer small but large", "large"),
+        ("the upper middle is no longer empty but holds a big orange diamond", "big orange diamond"),
+        ("the circle is no longer where it was but in the lower left spot", "lower left"),
+        ("now with a diamond in place of the circle", "diamond"),
+        ("the red circle should be gone", "no red circle"),
+        ("same scene minus the purple triangle", "no purple triangle"),
+        ("keep everything else, just shrink the yellow diamond", "small"),
+        ("swap the huge blue square for a triangle", "triangle"),
     ],
 )
 def test_rule_keywords_keep_what_describes_the_target(text, words):

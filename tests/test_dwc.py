@@ -13,6 +13,7 @@ from circe.train.losses import (
     soft_label_contrastive_loss,
     soft_similarity_labels,
 )
+from circe.train.config import TrainConfig
 from circe.train.runlog import read_log
 from circe.train.trainer import train
 
@@ -144,12 +145,14 @@ def test_text_noise_swaps_a_fraction_of_the_texts(tmp_path):
 
 
 @pytest.mark.parametrize("finetune_text", [False, True], ids=["frozen", "text-tower"])
-def test_dwc_trains_and_its_loss_falls(tiny_train_config, tmp_path, finetune_text):
+def test_dwc_trains_and_its_loss_falls(tmp_path, finetune_text):
     torch.set_num_threads(1)
     root = write_synthetic(tmp_path / "s", SynthConfig(train=96, val=24, test=24, test_unseen=8))
-    config = tiny_train_config(
-        root,
-        tmp_path / "cache",
+    # The shipped backbone: on the random tiny one every frozen feature is nearly the same
+    # vector, and the frozen variant sits at chance loss for many epochs whatever it does.
+    config = TrainConfig(
+        root=str(root),
+        cache_dir=str(tmp_path / "cache"),
         method="dwc",
         method_config={"finetune_text": finetune_text},
         epochs=6,
@@ -163,4 +166,4 @@ def test_dwc_trains_and_its_loss_falls(tiny_train_config, tmp_path, finetune_tex
     result = train(config, tmp_path / "run", progress=False)
     epochs = [r for r in read_log(result.run_dir) if r["kind"] == "epoch"]
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
-    assert set(result.results["test"]) == {"test", "test_unseen"}
+    assert set(result.results["test"]) == {"test", "test_phrasing", "test_unseen"}

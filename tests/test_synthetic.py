@@ -7,9 +7,21 @@ import re
 import pytest
 from PIL import ImageChops
 
-from circe.data.render import COLOURS, POSITIONS, SHAPES, render_scene, write_words
+from circe.data.phrasing import (
+    FAMILIES,
+    POOLS,
+    RELATIONS,
+    SPLIT_POOL,
+    _relations,
+    _towards,
+    held_out_words,
+    phrase_edit,
+    typo,
+)
+from circe.data.render import COLOURS, SHAPES, render_scene, write_words
 from circe.data.synthetic import (
     EDIT_KINDS,
+    GENERATED_SPLITS,
     HELD_OUT_COMBINATIONS,
     SPLITS,
     SynthConfig,
@@ -45,7 +57,7 @@ def test_split_sizes_and_balanced_edit_kinds():
 def test_splits_hold_disjoint_scenes():
     data = generate(SMALL)
     seen: dict = {}
-    for split in SPLITS:
+    for split in GENERATED_SPLITS:
         for image_id in data.split_images[split]:
             scene = data.scenes[image_id]
             assert scene not in seen, f"{image_id} repeats {seen.get(scene)}"
@@ -63,34 +75,109 @@ def test_each_reference_has_several_distinct_targets():
 
 
 @pytest.mark.parametrize("kind", EDIT_KINDS)
-def test_edit_text_describes_the_scene_difference(kind):
-    """Parse the text back and check the target differs from the reference exactly so."""
-    rng = random.Random(kind)
+@pytest.mark.parametrize("pool", POOLS)
+def test_edit_text_describes_the_scene_difference(kind, pool):
+    """Whatever the wording, the text names what changes, and the target differs from the
+    reference exactly so."""
+    rng = random.Random(f"{kind}/{pool}")
     checked = 0
     while checked < 40:
         reference = random_scene(rng, 1, 5)
         edit = apply_edit(reference, kind, rng)
         if edit is None:
             continue
-        target, text, before, after = edit
         checked += 1
-        assert target != reference
-        removed, added = set(reference) - set(target), set(target) - set(reference)
+        before, after = edit.before, edit.after
+        text = phrase_edit(kind, reference, before, after, rng, pool).text.lower()
+        assert edit.target != reference
+        removed, added = set(reference) - set(edit.target), set(edit.target) - set(reference)
         if kind == "add":
             assert not removed and added == {after}
-            assert after.describe() in text and POSITIONS[after.cell] in text
+            assert re.search(rf"\b{after.colour} {after.shape}\b", text), text
         elif kind == "remove":
             assert removed == {before} and not added
         else:
             assert removed == {before} and added == {after}
+        if kind != "add":  # the edited object is named: its shape is always said
+            assert before.shape in text, text
         if kind == "recolour":
             assert after.colour in text and after.colour != before.colour
         if kind == "reshape":
             assert re.search(rf"\ban? {after.shape}\b", text) and after.shape != before.shape
-        if kind == "move":
-            assert POSITIONS[after.cell] in text and after.cell != before.cell
+        if kind in ("move", "add"):  # the new place is said: its column word at least
+            column = ("left", "middle", "right")[after.cell % 3]
+            assert column in text or after.cell == 4, text
         if kind == "resize":
             assert after.size != before.size
+
+
+def test_held_out_phrasing_families_never_reach_training_texts():
+    data = generate(SynthConfig(seed=2, train=600, val=60, test=120, test_unseen=30))
+    queries = data.split_queries
+    train_wordings = {q["wording"] for q in queries["train"]}
+    train_words = {w for q in queries["train"] for w in re.findall(r"[a-z']+", q["text"].lower())}
+    for split, pool in SPLIT_POOL.items():
+        source = split.removesuffix("_phrasing")
+        assert len(queries[split]) == len(queries[source])
+        assert data.split_images[split] == data.split_images[source]
+        for rephrased, original in zip(queries[split], queries[source]):
+            # The same pair and edit, worded anew.
+            same = ("reference", "target", "kind", "edit")
+            assert {k: rephrased[k] for k in same} == {k: original[k] for k in same}
+            assert rephrased["wording"] not in train_wordings
+            assert {FAMILIES[f] for f in rephrased["families"]} <= {"seen", pool}
+            assert FAMILIES[rephrased["families"][0]] == pool  # the frame is held out
+        # Words of held-out families occur in no training text, and the split uses them.
+        held_out = held_out_words(pool)
+        assert held_out and not held_out & train_words
+        used = {w for q in queries[split] for w in re.findall(r"[a-z']+", q["text"].lower())}
+        assert len(held_out & used) >= len(held_out) // 2
+    for split in ("train", "val", "test", "test_unseen"):
+        assert all(FAMILIES[f] == "seen" for q in queries[split] for f in q["families"])
+
+
+def test_wording_has_real_variety():
+    data = generate(SynthConfig(seed=0, train=600, val=0, test=0, test_unseen=0))
+    by_kind: dict[str, set[str]] = {}
+    for query in data.split_queries["train"]:
+        by_kind.setdefault(query["kind"], set()).add(query["wording"])
+    assert all(len(wordings) >= 8 for wordings in by_kind.values()), by_kind
+    texts = [q["text"] for q in data.split_queries["train"]]
+    assert len(set(texts)) > 0.95 * len(texts)
+    assert any(t != t.lower() for t in texts) and any(t.endswith(".") for t in texts)
+    relational = [t for t in texts if re.search(r"\b(left of|right of|above|below)\b", t.lower())]
+    assert len(relational) > 10
+
+
+def test_relations_name_one_object_only():
+    rng = random.Random(5)
+    for _ in range(400):
+        scene = random_scene(rng, 3, 5)
+        obj = rng.choice(scene)
+        for relation, anchor in _relations(obj, scene, frozenset()):
+            step = {v: k for k, v in RELATIONS.items()}[relation]
+            fits = [
+                o
+                for o in scene
+                if o.shape == obj.shape
+                and any(
+                    a.shape == anchor.split()[-1]
+                    and (len(anchor.split()) == 1 or a.colour == anchor.split()[0])
+                    and _towards(o, a, *step)
+                    for a in scene
+                )
+            ]
+            assert fits == [obj], (scene, obj, relation, anchor)
+
+
+def test_typos_spare_the_words_that_carry_the_edit():
+    rng = random.Random(0)
+    text = "could you paint the small red circle in the top left blue"
+    for _ in range(200):
+        slipped = typo(text, rng)
+        assert slipped != text
+        for word in ("small", "red", "circle", "top", "left", "blue"):
+            assert word in slipped.split()
 
 
 def test_held_out_combinations_only_in_the_unseen_split():

@@ -45,7 +45,7 @@ def test_loss_falls_and_the_run_is_recorded(config, tmp_path):
     steps = read_log(tmp_path / "run", "step")
     assert len(steps) == 8 * (96 // 16) and steps[0]["lr"] < steps[1]["lr"]  # warm-up
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert set(results["test"]) == {"test", "test_unseen"}
+    assert set(results["test"]) == {"test", "test_phrasing", "test_unseen"}
     assert set(results["test"]["test"]) == {"R@1", "R@5", "R@10", "R@50"}
     assert results["parameters"]["trainable"] > 0 and results["train_seconds"] > 0
     best = load_checkpoint(tmp_path / "run")  # a run directory means its best
@@ -288,6 +288,19 @@ def test_bench_quality_and_cache_speed_write_their_tables(config, tmp_path):
     )
     assert again["methods"]["combiner"]["test"] == combiner["test"]
     assert again["methods"]["combiner"]["train_seconds"] == combiner["train_seconds"]
+    assert combiner["recipe"] == {} and "val_phrasing" in combiner
+    # A method's own recipe: trained with it, recorded, and named in the table.
+    recipe = quality(
+        base,
+        tmp_path / "recipe",
+        seeds=(0,),
+        methods=["combiner"],
+        progress=False,
+        recipes={"combiner": base.replace(lr=5e-4)},
+    )
+    assert recipe["methods"]["combiner"]["recipe"] == {"lr": 5e-4}
+    assert recipe["methods"]["combiner"]["test"]["R@1"] != combiner["test"]["R@1"]
+    assert "| `combiner` (lr 0.0005) |" in (tmp_path / "recipe" / "quality.md").read_text()
 
     speed = cache_speed(config, out)
     runs = speed["runs"]

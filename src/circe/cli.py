@@ -86,9 +86,20 @@ def synth(
     test: int = 1000,
     test_unseen: int = 400,
     edits_per_reference: int = 3,
+    max_objects: Annotated[
+        int, typer.Option(help="Most objects in a scene (1 to 9: one per grid cell).")
+    ] = 5,
+    image_size: Annotated[int, typer.Option(help="Side of the rendered images in pixels.")] = 128,
 ) -> None:
-    """Write the synthetic benchmark (PNG images + JSON annotations), deterministic from SEED."""
-    from circe.data.synthetic import SPLITS, SynthConfig, load_synthetic, write_synthetic
+    """Write the synthetic benchmark (PNG images + JSON annotations), deterministic from SEED.
+    `val_phrasing` and `test_phrasing` hold val's and test's pairs worded anew."""
+    from circe.data.synthetic import (
+        SPLITS,
+        SynthConfig,
+        load_synthetic,
+        wording_stats,
+        write_synthetic,
+    )
 
     config = SynthConfig(
         seed=seed,
@@ -97,14 +108,22 @@ def synth(
         test=test,
         test_unseen=test_unseen,
         edits_per_reference=edits_per_reference,
+        max_objects=max_objects,
+        image_size=image_size,
     )
     try:
         root = write_synthetic(out, config, track)
-    except FileExistsError as error:
+    except (FileExistsError, ValueError) as error:
         raise _fail(str(error)) from None
+    wordings = wording_stats(root)
     for split in SPLITS:
         loaded = load_synthetic(root, split)
-        console.print(f"{split:>10}: {len(loaded.queries)} queries, {len(loaded.gallery)} images")
+        words = wordings[split]
+        shared = "" if split == "train" else f" ({words['wordings_in_train']} also in train)"
+        console.print(
+            f"{split:>13}: {len(loaded.queries)} queries, {len(loaded.gallery)} images, "
+            f"{words['texts']} distinct texts, {words['wordings']} wordings{shared}"
+        )
     console.print(f"written to {root}")
 
 
@@ -445,6 +464,13 @@ def bench_quality(
     weights: WeightsOption = None,
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads (0: default).")] = None,
     runs: RunsOption = None,
+    recipe: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="METHOD=CONFIG.yaml: train METHOD with this config instead of --config "
+            "(a recipe chosen on validation); repeatable."
+        ),
+    ] = None,
 ) -> None:
     """Evaluate every zero-shot method and train every trainable one over seeds; write
     quality.json and quality.md."""
@@ -453,7 +479,17 @@ def bench_quality(
 
     try:
         base = _bench_config(config, root, threads, weights, epochs=epochs, backbone=backbone)
-        record = quality(base, out, range(seeds), method, _command_line(), runs_dir=runs)
+        recipes = {}
+        for item in recipe or []:
+            name, separator, path = item.partition("=")
+            if not separator or not path:
+                raise ValueError(f"--recipe takes METHOD=CONFIG.yaml, got {item!r}")
+            recipes[name] = _bench_config(
+                Path(path), root, threads, weights, epochs=epochs, backbone=backbone
+            )
+        record = quality(
+            base, out, range(seeds), method, _command_line(), runs_dir=runs, recipes=recipes
+        )
     except (FileNotFoundError, WeightsNotFoundError, TypeError, ValueError) as error:
         raise _fail(str(error)) from None
     console.print((out / "quality.md").read_text())

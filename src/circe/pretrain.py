@@ -2,9 +2,17 @@
 
 No pretrained CLIP can be downloaded on the machines circe is built on, so the project
 trains its own small open_clip model (config `backbones/default/circe-tiny.json`)
-contrastively on image-caption pairs of synthetic scenes. A share of the images carry
-words written onto them, paired with those words, so that the image tower learns to read
-the benchmark's vocabulary (DQU-CIR writes key words onto the reference image).
+contrastively on image-caption pairs of synthetic scenes, standing in for CLIP's web data:
+
+- captions in free wording (`circe.data.phrasing.varied_caption`: synonyms of every phrasing
+  family, places, relations between objects, attribute order), so the text tower knows the
+  words a held-out wording uses, as a real CLIP knows words no CIR training text has;
+- a share of the images carry words written onto them, paired with "caption, words": the
+  written words add to the scene rather than replace it (DQU-CIR writes key words onto the
+  reference image and expects the result to look like the target);
+- a text-text term on paraphrases (one edit of a scene worded twice, by any family), the
+  stand-in for the web's evidence that "erase" and "remove" mean the same. It sees edits of
+  pretraining scenes as text only: no target image, no CIR supervision.
 
 The pretraining scenes come from their own seed stream, and quality is measured on the
 synthetic benchmark's test images (text -> image retrieval with each image's caption).
@@ -26,8 +34,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from circe.data.phrasing import phrase_edit, varied_caption
 from circe.data.render import COLOURS, POSITIONS, SHAPES, SIZES, render_scene, write_words
-from circe.data.synthetic import SynthConfig, caption, generate, random_scene
+from circe.data.synthetic import (
+    EDIT_KINDS,
+    SynthConfig,
+    apply_edit,
+    caption,
+    generate,
+    random_scene,
+)
 from circe.progress import Progress
 
 
@@ -42,6 +58,8 @@ class PretrainConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 50
     word_fraction: float = 0.2  # share of pool images with words written on them
+    paraphrase_batch: int = 128  # paraphrase pairs per step (text-text term); 0: none
+    paraphrase_weight: float = 0.5  # its weight beside the image-text loss
     image_size: int = 128  # rendered size; the model's preprocessing resizes it
     threads: int = 0  # torch CPU threads; 0 = torch's default
     heldout_queries: int = 1000  # size of the synthetic test split used to report quality
@@ -86,6 +104,19 @@ def build_pool(model_preprocess, config: PretrainConfig, progress: Progress | No
     return torch.stack(pixels), scenes, words
 
 
+def paraphrase_pairs(rng: random.Random, count: int) -> tuple[list[str], list[str]]:
+    """`count` edits of random scenes, each worded twice from any phrasing family."""
+    first, second = [], []
+    while len(first) < count:
+        scene, kind = random_scene(rng, 1, 5), rng.choice(EDIT_KINDS)
+        edit = apply_edit(scene, kind, rng)
+        if edit is None:
+            continue
+        for texts in (first, second):
+            texts.append(phrase_edit(kind, scene, edit.before, edit.after, rng, "any").text)
+    return first, second
+
+
 def contrastive_loss(image_emb, text_emb, logit_scale) -> torch.Tensor:
     """Symmetric InfoNCE over the batch (CLIP's objective)."""
     image_emb, text_emb = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
@@ -110,24 +141,29 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
 def text_to_image_recall(
     model, preprocess, tokenizer, seed: int = 0, test_queries: int = 1000
 ) -> dict[str, float]:
-    """Held-out quality: each synthetic test image's caption retrieves among all of them."""
+    """Held-out quality: each synthetic test image's caption (canonical, then freely worded)
+    retrieves it among all of them."""
     data = generate(SynthConfig(seed=seed, test=test_queries))
     ids = data.split_images["test"]
     scenes = [data.scenes[i] for i in ids]
     pixels = torch.stack([preprocess(render_scene(s, jitter_seed=i)) for s, i in zip(scenes, ids)])
     model.eval()
     image_emb = torch.cat([model.encode_image(chunk) for chunk in pixels.split(256)])
-    tokens = tokenizer([caption(s) for s in scenes])
-    text_emb = torch.cat([model.encode_text(chunk) for chunk in tokens.split(256)])
-    scores = F.normalize(text_emb, dim=-1) @ F.normalize(image_emb, dim=-1).T  # [N, N]
-    target_score = scores.diagonal().unsqueeze(1)
-    ranks = (scores > target_score).sum(dim=1)  # 0 = the right image is first
-    return {
-        "text_to_image_R@1": 100 * (ranks < 1).float().mean().item(),
-        "text_to_image_R@5": 100 * (ranks < 5).float().mean().item(),
-        "gallery_size": len(ids),
-        "chance_R@1": 100 / len(ids),
-    }
+    image_emb = F.normalize(image_emb, dim=-1)
+    rng = random.Random(f"circe-pretrain-heldout/{seed}")
+    # The canonical captions, then captions in free wording (synonyms, relations).
+    recall = {}
+    for name, texts in (
+        ("text_to_image", [caption(s) for s in scenes]),
+        ("varied_caption_to_image", [varied_caption(s, rng) for s in scenes]),
+    ):
+        tokens = tokenizer(texts)
+        text_emb = torch.cat([model.encode_text(chunk) for chunk in tokens.split(256)])
+        scores = F.normalize(text_emb, dim=-1) @ image_emb.T  # [N, N]
+        ranks = (scores > scores.diagonal().unsqueeze(1)).sum(dim=1)  # 0: the right one first
+        recall[f"{name}_R@1"] = 100 * (ranks < 1).float().mean().item()
+        recall[f"{name}_R@5"] = 100 * (ranks < 5).float().mean().item()
+    return {**recall, "gallery_size": len(ids), "chance_R@1": 100 / len(ids)}
 
 
 def pretrain(
@@ -175,11 +211,19 @@ def pretrain(
     model.train()
     for _ in steps:
         batch = rng.sample(range(len(scenes)), config.batch_size)
-        # Written words are the text of their image; otherwise a (partial) caption.
-        texts = [words[i] if words[i] is not None else caption(scenes[i], rng) for i in batch]
+        # A caption in free wording; for an image with words on it, the caption and the words.
+        texts = [varied_caption(scenes[i], rng) for i in batch]
+        texts = [t if words[i] is None else f"{t}, {words[i]}" for t, i in zip(texts, batch)]
         image_emb = model.encode_image(pixels[batch].float())
         text_emb = model.encode_text(tokenizer(texts))
         loss = contrastive_loss(image_emb, text_emb, model.logit_scale)
+        if config.paraphrase_batch:
+            first, second = paraphrase_pairs(rng, config.paraphrase_batch)
+            pair_emb = model.encode_text(tokenizer(first + second))
+            first_emb, second_emb = pair_emb.split(config.paraphrase_batch)
+            loss = loss + config.paraphrase_weight * contrastive_loss(
+                first_emb, second_emb, model.logit_scale
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

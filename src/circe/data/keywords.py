@@ -41,15 +41,36 @@ _STOPWORDS = _ARTICLES | _words(
     "make makes change changes turn turns replace put place insert add move shift",
     "paint recolour recolor colour color dye set get let",
     "instead now same image picture photo target reference",
+    "i you me we like want wish keep everything else rest scene well",
+    "draw include give switch swap relocate slide transform scale resize spot cell extra holds",
+)
+# Request frames around the instruction itself: "could you ...", "I'd like you to ...", "same
+# but ...", "keep everything else, just ..." (dropped from the start of a clause).
+_FRAMES = re.compile(
+    r"^ (?:(?:could|can|would|will) you (?:please )?|please |i want you to |i d like you to |"
+    r"i want |i d like |i wish |same (?:scene |image |picture )?(?:but )?(?:with )?|"
+    r"just |now (?:with )?|there should (?:also )?be )+"
 )
 # "what it becomes" markers: the target is described after them ("change X to Y", "turn X into
 # Y", "X should be Y"). The earliest one in the clause wins. " with " marks it only after
 # "replace" ("replace X with Y"); elsewhere it adds an attribute ("silver with short sleeves").
-_BECOMES = (" should also be ", " should be ", " into ", " to ")
+_BECOMES = (" should also be ", " should be ", " into ", " to ", " is ", " for ")
 # Instructions whose object is the new attribute, said last: "make / paint the X green".
 _ATTRIBUTE_LAST = {"make", "paint", "recolour", "recolor", "colour", "color", "dye"}
 # Removals: the target shows the object no more.
-_REMOVE = ("remove ", "delete ", "take away ", "take out ", "get rid of ", "without ", "erase ")
+_REMOVE = (
+    "remove ",
+    "delete ",
+    "take away ",
+    "take out ",
+    "get rid of ",
+    "without ",
+    "erase ",
+    "drop ",
+    "minus ",
+)
+# Removals said of the object: "the X should be gone", "the X is no longer there".
+_GONE = re.compile(r" (?:should be gone|is no longer there|gone|away) $")
 # Resizing verbs and comparatives -> the attribute the target then has.
 _SIZE_WORDS = {
     "enlarge": "large",
@@ -60,6 +81,8 @@ _SIZE_WORDS = {
     "bigger": "large",
     "larger": "large",
     "smaller": "small",
+    "downsize": "small",
+    "tinier": "small",
 }
 # Moving an object that is already there ("put THE circle in the center"): only where it goes.
 _MOVE = {"put", "place", "move", "shift"}
@@ -84,12 +107,18 @@ def _content(words: str) -> str:
 
 def _clause_keywords(clause: str) -> str:
     """Key words of one clause (a normalised string with a space at each end)."""
-    # What the target no longer has: "... instead of white", "from red to blue".
-    clause = re.sub(r" instead of .*$", " ", clause)
+    clause = _FRAMES.sub(" ", clause)
+    # What the target no longer has: "... instead of white", "from red to blue", "no longer
+    # red but blue", "a square in place of the circle".
+    clause = re.sub(r" is no longer (?!there )(\w+ )+?but ", " is ", clause)
+    clause = re.sub(r" (?:instead of|in place of|where) .*$", " ", clause)
     clause = re.sub(r" from (\w+ )+?to ", " to ", clause)
     words = clause.split()
     if not words:
         return ""
+    if _GONE.search(clause):
+        rest = _content(_GONE.sub(" ", clause))
+        return f"no {rest}" if rest else ""
     stripped = clause.strip() + " "
     for verb in _REMOVE:
         if stripped.startswith(verb):

@@ -2,14 +2,16 @@
 
 In the spirit of CSS (the TIRG paper's data set): a scene holds 1-5 objects (shape, colour,
 size, cell); a query is a reference scene plus a modification text for one edit (add,
-remove, recolour, resize, reshape, move), each phrased by several templates; the target
-is the edited scene, so the ground truth is exact. Every image also has a caption of
-its scene.
+remove, recolour, resize, reshape, move), worded freely by `circe.data.phrasing` (frames,
+synonyms, ways to name the object, typos); the target is the edited scene, so the ground
+truth is exact. Every image also has a caption of its scene.
 
 Splits: `train`, `val`, `test` hold disjoint scenes (no scene, reference or target,
 appears in two splits). `test_unseen` asks for colour-shape combinations that no
 modification text of the other splits ever mentions (`HELD_OUT_COMBINATIONS`), to
-measure compositional generalisation.
+measure compositional generalisation. `test_phrasing` (`val_phrasing`) holds `test`'s
+(`val`'s) pairs worded with phrasing families that no training text uses: whether a
+method learned the words or the wording.
 
 Everything is a pure function of the seed and sizes.
 """
@@ -21,9 +23,10 @@ import os
 import random
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from circe.data.phrasing import SPLIT_POOL, phrase_edit
 from circe.data.render import (
     COLOURS,
     GRID,
@@ -39,12 +42,15 @@ from circe.data.types import CIRSplit, DatasetFormatError, Gallery, Query
 
 EDIT_KINDS = ("add", "remove", "recolour", "resize", "reshape", "move")
 UNSEEN_KINDS = ("add", "recolour", "reshape")
-SPLITS = ("train", "val", "test", "test_unseen")
+# Generated splits, then the rephrased ones: `val_phrasing` / `test_phrasing` hold the pairs of
+# `val` / `test` worded only with held-out phrasing families (`circe.data.phrasing`).
+SPLITS = ("train", "val", "val_phrasing", "test", "test_phrasing", "test_unseen")
+GENERATED_SPLITS = ("train", "val", "test", "test_unseen")  # disjoint scenes
 # (colour, shape) pairs that no modification text outside `test_unseen` talks about.
 HELD_OUT_COMBINATIONS = frozenset(
     {("red", "triangle"), ("blue", "circle"), ("green", "diamond"), ("yellow", "square")}
 )
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: free phrasing with held-out families, the *_phrasing splits
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,23 @@ class SynthConfig:
     max_objects: int = 5
     edits_per_reference: int = 3
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_objects <= GRID * GRID:
+            raise ValueError(
+                f"max_objects must be 1 to {GRID * GRID} (one object per cell of the "
+                f"{GRID}x{GRID} grid), got {self.max_objects}"
+            )
+        if self.edits_per_reference < 1 or self.image_size < 16:
+            raise ValueError(
+                "edits_per_reference must be at least 1 and image_size at least 16, got "
+                f"{self.edits_per_reference} and {self.image_size}"
+            )
+        for split, size in self.split_sizes().items():
+            if size < 0:
+                raise ValueError(f"the {split} size must not be negative, got {size}")
+
     def split_sizes(self) -> dict[str, int]:
+        """Queries per generated split (the *_phrasing splits mirror val and test)."""
         return {
             "train": self.train,
             "val": self.val,
@@ -106,116 +128,50 @@ def caption(scene: Scene, rng: random.Random | None = None) -> str:
 # ----------------------------------------------------------------------------- edits
 
 
-def _referring_expressions(obj: SceneObject, scene: Scene) -> list[str]:
-    """Ways to name `obj` that pick it out uniquely in `scene`."""
-    others = [o for o in scene if o != obj]
-    options = [
-        f"{obj.shape} in the {POSITIONS[obj.cell]}",
-        (f"{obj.colour} {obj.shape} at the {POSITIONS[obj.cell]}"),
-    ]
-    if not any(o.shape == obj.shape for o in others):
-        options.append(obj.shape)
-    if not any((o.colour, o.shape) == (obj.colour, obj.shape) for o in others):
-        options.append(f"{obj.colour} {obj.shape}")
-    if not any((o.colour, o.shape, o.size) == (obj.colour, obj.shape, obj.size) for o in others):
-        options.append(f"{obj.size} {obj.colour} {obj.shape}")
-    return options
+@dataclass(frozen=True)
+class Edit:
+    """One edit of a reference scene: `before` (None: an addition) becomes `after` (None: a
+    removal), giving `target`."""
+
+    kind: str
+    target: Scene
+    before: SceneObject | None
+    after: SceneObject | None
+
+    def to_json(self) -> dict:
+        """What the query record keeps: the edit the text states (a perfect reading of it)."""
+        side = lambda o: None if o is None else asdict(o)
+        return {"before": side(self.before), "after": side(self.after)}
 
 
-def _article(phrase: str) -> str:
-    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
-
-
-TEMPLATES: dict[str, tuple[str, ...]] = {
-    "add": (
-        "add {new} in the {pos}",
-        "put {new} at the {pos}",
-        "there should also be {new} in the {pos}",
-        "place {new} in the {pos} cell",
-        "insert {new} at the {pos}",
-    ),
-    "remove": (
-        "remove the {ref}",
-        "take away the {ref}",
-        "get rid of the {ref}",
-        "delete the {ref}",
-        "without the {ref}",
-    ),
-    "recolour": (
-        "make the {ref} {colour}",
-        "change the colour of the {ref} to {colour}",
-        "paint the {ref} {colour}",
-        "the {ref} should be {colour} instead",
-        "recolour the {ref} {colour}",
-    ),
-    "resize": (
-        "make the {ref} {bigger}",
-        "the {ref} should be {bigger}",
-        "{enlarge} the {ref}",
-        "change the {ref} to {size}",
-    ),
-    "reshape": (
-        "turn the {ref} into {shape}",
-        "replace the {ref} with {shape}",
-        "change the {ref} to {shape}",
-        "the {ref} should be {shape} instead",
-    ),
-    "move": (
-        "move the {ref} to the {pos}",
-        "shift the {ref} to the {pos}",
-        "put the {ref} in the {pos} instead",
-        "the {ref} should be at the {pos}",
-    ),
-}
-
-
-def apply_edit(
-    scene: Scene, kind: str, rng: random.Random, max_objects: int = 5
-) -> tuple[Scene, str, SceneObject | None, SceneObject | None] | None:
-    """One random edit of `kind`: (target scene, text, object before, object after).
-
-    Returns None when the edit is impossible for this scene (e.g. add on a full board).
-    """
+def apply_edit(scene: Scene, kind: str, rng: random.Random, max_objects: int = 5) -> Edit | None:
+    """One random edit of `kind`, or None when it is impossible for this scene (e.g. add on
+    a full board). Its words come from `circe.data.phrasing.phrase_edit`."""
     empty = [c for c in range(GRID * GRID) if c not in {o.cell for o in scene}]
-    template = rng.choice(TEMPLATES[kind])
     if kind == "add":
         if len(scene) >= max_objects or not empty:
             return None
         new = random_object(rng, rng.choice(empty))
-        # The size is always said: the benchmark needs one exact target per query.
-        text = template.format(new=_article(new.describe()), pos=POSITIONS[new.cell])
-        return canonical([*scene, new]), text, None, new
+        return Edit(kind, canonical([*scene, new]), None, new)
     if not scene:
         return None
     obj = rng.choice(scene)
-    ref = rng.choice(_referring_expressions(obj, scene))
     rest = [o for o in scene if o != obj]
     if kind == "remove":
-        if len(scene) == 1:
-            return None
-        return canonical(rest), template.format(ref=ref), obj, None
+        return None if len(scene) == 1 else Edit(kind, canonical(rest), obj, None)
     if kind == "recolour":
-        colour = rng.choice([c for c in COLOURS if c != obj.colour])
-        new = SceneObject(obj.cell, obj.shape, colour, obj.size)
-        return canonical([*rest, new]), template.format(ref=ref, colour=colour), obj, new
-    if kind == "resize":
-        size = "small" if obj.size == "large" else "large"
-        bigger = "bigger" if size == "large" else "smaller"
-        enlarge = "enlarge" if size == "large" else "shrink"
-        new = SceneObject(obj.cell, obj.shape, obj.colour, size)
-        text = template.format(ref=ref, bigger=bigger, enlarge=enlarge, size=size)
-        return canonical([*rest, new]), text, obj, new
-    if kind == "reshape":
-        shape = rng.choice([s for s in SHAPES if s != obj.shape])
-        new = SceneObject(obj.cell, shape, obj.colour, obj.size)
-        return canonical([*rest, new]), template.format(ref=ref, shape=_article(shape)), obj, new
-    if kind == "move":
+        new = replace(obj, colour=rng.choice([c for c in COLOURS if c != obj.colour]))
+    elif kind == "resize":
+        new = replace(obj, size="small" if obj.size == "large" else "large")
+    elif kind == "reshape":
+        new = replace(obj, shape=rng.choice([s for s in SHAPES if s != obj.shape]))
+    elif kind == "move":
         if not empty:
             return None
-        cell = rng.choice(empty)
-        new = SceneObject(cell, obj.shape, obj.colour, obj.size)
-        return canonical([*rest, new]), template.format(ref=ref, pos=POSITIONS[cell]), obj, new
-    raise ValueError(f"unknown edit kind {kind!r}; known: {EDIT_KINDS}")
+        new = replace(obj, cell=rng.choice(empty))
+    else:
+        raise ValueError(f"unknown edit kind {kind!r}; known: {EDIT_KINDS}")
+    return Edit(kind, canonical([*rest, new]), obj, new)
 
 
 def _touches_held_out(*objects: SceneObject | None) -> bool:
@@ -258,22 +214,27 @@ def generate(config: SynthConfig = SynthConfig()) -> SyntheticData:
                 edit = apply_edit(reference, kind, rng, config.max_objects)
                 if edit is None:
                     continue
-                target, text, before, after = edit
-                novel = _touches_held_out(after) and not _touches_held_out(before)
+                novel = _touches_held_out(edit.after) and not _touches_held_out(edit.before)
                 if split == "test_unseen" and not novel:
                     continue
-                if split != "test_unseen" and _touches_held_out(before, after):
+                if split != "test_unseen" and _touches_held_out(edit.before, edit.after):
                     continue
-                if target in owner or target in targets:
+                if edit.target in owner or edit.target in targets:
                     continue
-                targets.add(target)
+                targets.add(edit.target)
+                phrased = phrase_edit(
+                    kind, reference, edit.before, edit.after, rng, avoid=HELD_OUT_COMBINATIONS
+                )
                 queries.append(
                     {
                         "query_id": f"{prefix}-q{len(queries):05d}",
                         "reference": image_id(reference),
-                        "target": image_id(target),
-                        "text": text,
+                        "target": image_id(edit.target),
+                        "text": phrased.text,
                         "kind": kind,
+                        "wording": phrased.frame,
+                        "families": list(phrased.families),
+                        "edit": edit.to_json(),
                     }
                 )
         for scene, scene_id in ids.items():
@@ -281,7 +242,39 @@ def generate(config: SynthConfig = SynthConfig()) -> SyntheticData:
             data.scenes[scene_id] = scene
         data.split_images[split] = list(ids.values())
         data.split_queries[split] = queries
+    for split, pool in SPLIT_POOL.items():
+        _rephrase(data, split, pool)
     return data
+
+
+def _rephrase(data: SyntheticData, split: str, pool: str) -> None:
+    """`split` = the same pairs as its source split (`test_phrasing` <- `test`), every text
+    worded anew from the held-out families of `pool`."""
+    source = split.removesuffix("_phrasing")
+    rng = random.Random(f"circe-synthetic/{data.config.seed}/{split}")
+    prefix = split.replace("_", "")
+    queries = []
+    for n, query in enumerate(data.split_queries[source]):
+        edit = query["edit"]
+        before, after = (
+            None if edit[side] is None else SceneObject(**edit[side])
+            for side in ("before", "after")
+        )
+        reference = data.scenes[query["reference"]]
+        phrased = phrase_edit(
+            query["kind"], reference, before, after, rng, pool, avoid=HELD_OUT_COMBINATIONS
+        )
+        queries.append(
+            {
+                **query,
+                "query_id": f"{prefix}-q{n:05d}",
+                "text": phrased.text,
+                "wording": phrased.frame,
+                "families": list(phrased.families),
+            }
+        )
+    data.split_images[split] = list(data.split_images[source])
+    data.split_queries[split] = queries
 
 
 def scene_to_json(scene: Scene) -> list[dict]:
@@ -340,6 +333,25 @@ def write_synthetic(
         root.rmdir()
     os.replace(staging, root)
     return root
+
+
+def wording_stats(root: Path) -> dict[str, dict[str, int]]:
+    """Per split: distinct texts, distinct wordings (frames with their slots unfilled), and
+    how many of its texts and wordings also occur in `train` (0 for the *_phrasing splits)."""
+    splits = json.loads((Path(root) / "annotations.json").read_text())["splits"]
+    train = splits["train"]["queries"]
+    train_texts, train_wordings = {q["text"] for q in train}, {q["wording"] for q in train}
+    stats = {}
+    for split, part in splits.items():
+        texts = {q["text"] for q in part["queries"]}
+        wordings = {q["wording"] for q in part["queries"]}
+        stats[split] = {
+            "texts": len(texts),
+            "wordings": len(wordings),
+            "texts_in_train": len(texts & train_texts) if split != "train" else len(texts),
+            "wordings_in_train": len(wordings & train_wordings),
+        }
+    return stats
 
 
 def load_synthetic(root: Path, split: str = "test") -> CIRSplit:
