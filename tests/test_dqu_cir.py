@@ -88,7 +88,10 @@ def test_words_are_written_where_the_text_goes():
         ("could you dye the huge blue square red?", "red"),
         ("I'd like you to turn the square into a circle!", "circle"),
         ("the triangle is no longer small but large", "large"),
-        ("the upper middle is no longer empty but holds a big orange diamond", "big orange diamond"),
+        (
+            "the upper middle is no longer empty but holds a big orange diamond",
+            "big orange diamond",
+        ),
         ("the circle is no longer where it was but in the lower left spot", "lower left"),
         ("now with a diamond in place of the circle", "diamond"),
         ("the red circle should be gone", "no red circle"),
