@@ -10,16 +10,25 @@ from safetensors.torch import load_file
 from circe.backbones import load_backbone
 from circe.pretrain import PretrainConfig, pretrain
 
-QUICK = {"images": 128, "batch_size": 16, "warmup_steps": 3, "lr": 2e-3, "heldout_queries": 30}
+QUICK = {
+    "images": 128,
+    "batch_size": 16,
+    "paraphrase_batch": 16,
+    "warmup_steps": 3,
+    "lr": 2e-3,
+    "heldout_queries": 30,
+}
 
 
 def test_short_pretraining_learns_and_writes_loadable_weights(tmp_path):
     out = tmp_path / "tiny.safetensors"
-    report = pretrain(out, PretrainConfig(steps=40, **QUICK))
+    report = pretrain(out, PretrainConfig(steps=80, **QUICK))
     assert report["loss_last"] < report["loss_first"] - 0.3
-    assert report["text_to_image_R@1"] > report["chance_R@1"]
+    # Held-out captions find their images above chance (R@5 by chance: 5 x chance R@1;
+    # measured 18.6 against 11.6 here).
+    assert report["text_to_image_R@5"] > 1.25 * 5 * report["chance_R@1"]
     saved = json.loads((tmp_path / "tiny.report.json").read_text())
-    assert saved["config"]["steps"] == 40
+    assert saved["config"]["steps"] == 80
     assert not (tmp_path / "tiny.safetensors.resume.pt").exists()
     backbone = load_backbone("default", weights=out)
     assert backbone.identity.weights_sha256 != load_backbone("default").identity.weights_sha256

@@ -155,7 +155,7 @@ def text_to_image_recall(
     recall = {}
     for name, texts in (
         ("text_to_image", [caption(s) for s in scenes]),
-        ("varied_caption_to_image", [varied_caption(s, rng) for s in scenes]),
+        ("varied_caption_to_image", [varied_caption(s, rng, subset=False) for s in scenes]),
     ):
         tokens = tokenizer(texts)
         text_emb = torch.cat([model.encode_text(chunk) for chunk in tokens.split(256)])

@@ -474,16 +474,16 @@ def held_out_words(pool: str) -> set[str]:
 CAPTION_FRAMES = ("{objects}", "{objects}", "there is {objects}", "a picture of {objects}")
 
 
-def varied_caption(scene: Scene, rng: random.Random) -> str:
+def varied_caption(scene: Scene, rng: random.Random, subset: bool = True) -> str:
     """A caption of `scene` in free wording, for pretraining the backbone: any subset of the
-    objects in any order, each named with any family's words ('a huge red circle in the upper
+    objects (all of them without `subset`) in any order, each named with any family's words ('a huge red circle in the upper
     left') or by its relation to a neighbour ('a blue square above a red circle'), attributes
     sometimes reordered. The whole vocabulary of every pool is used: this is the backbone's
     "web text", which knows words that no CIR training text uses."""
     choose = _Chooser(rng, "any")
     objects = list(scene)
     rng.shuffle(objects)
-    if len(objects) > 1 and rng.random() < 0.5:
+    if subset and len(objects) > 1 and rng.random() < 0.5:  # a partial caption, half the time
         objects = objects[: rng.randint(1, len(objects))]
     if not objects:
         return "an empty grid"

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from circe.data.phrasing import SPLIT_POOL, phrase_edit
+from circe.data.phrasing import SPLIT_POOL, phrase_edit, with_article
 from circe.data.render import (
     COLOURS,
     GRID,
@@ -114,15 +114,12 @@ def random_scene(rng: random.Random, min_objects: int = 1, max_objects: int = 5)
     return canonical([random_object(rng, cell) for cell in cells])
 
 
-def caption(scene: Scene, rng: random.Random | None = None) -> str:
-    """'small red circle top left, large blue square center'. With `rng`: a random
-    subset of the objects in random order (pretraining augmentation)."""
-    objects = list(scene)
-    if rng is not None and len(objects) > 1 and rng.random() < 0.5:
-        objects = rng.sample(objects, rng.randint(1, len(objects)))
-    if not objects:
-        return "empty"
-    return ", ".join(f"{o.describe()} {POSITIONS[o.cell]}" for o in objects)
+def caption(scene: Scene) -> str:
+    """'a small red circle in the top left, a large blue square in the center': one of the
+    wordings the default backbone's pretraining captions use (`phrasing.varied_caption`)."""
+    if not scene:
+        return "an empty grid"
+    return ", ".join(f"{with_article(o.describe())} in the {POSITIONS[o.cell]}" for o in scene)
 
 
 # ----------------------------------------------------------------------------- edits
