@@ -12,7 +12,7 @@ from circe.data.render import BACKGROUND
 from circe.data.synthetic import SynthConfig, write_synthetic
 from circe.data.types import RawQuery
 from circe.methods import Batch, create_method, method_class
-from circe.methods.dqu_cir import unified_image, unified_text
+from circe.methods.dqu_cir import fitted_unified_text, unified_image, unified_text
 
 
 @pytest.fixture
@@ -194,3 +194,24 @@ def test_training_lowers_the_loss_and_the_checkpoint_reloads(tmp_path, tiny_weig
     assert result.results["feature_cache"]["entries"] == 2  # images + prepared query images
     method = load_trained_method(tmp_path / "run" / "best")
     assert method.trains_text_tower and method.config.finetune == "text"
+
+
+def test_a_long_caption_is_cut_never_the_modification(default_backbone):
+    """T_u must fit the text encoder's context; what gives way is the caption, from its end."""
+    caption = ", ".join(f"a small red circle in the top left number {n}" for n in range(8))
+    text = "could you erase the large blue square at the bottom right?"
+    within = lambda t: len(t.split()) <= 32  # two parts of 10 words fit
+    fitted = fitted_unified_text(caption, text, "{caption}, but {text}", within)
+    assert fitted.endswith(text) and within(fitted)
+    assert fitted.startswith("a small red circle in the top left number 0")
+    assert fitted.count("number") == 2  # whole trailing parts dropped, not words
+    # On the real tokenizer (circe-tiny: 48 tokens), the unified text then reaches it whole.
+    assert not default_backbone.fits_context(f"{caption}, but {text}")
+    fitted = fitted_unified_text(
+        caption, text, "{caption}, but {text}", default_backbone.fits_context
+    )
+    assert fitted.endswith(text) and default_backbone.fits_context(fitted)
+    # Short enough already: unchanged.
+    assert fitted_unified_text("a red circle", "remove it", "{caption}, but {text}", within) == (
+        "a red circle, but remove it"
+    )

@@ -66,6 +66,15 @@ class Backbone(torch.nn.Module, ABC):
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """Strings -> `[B, L]` token ids."""
 
+    def fits_context(self, text: str) -> bool:
+        """Whether `text` reaches the text encoder whole: its tokens end before the context
+        does (a tokenizer silently cuts what does not fit). Without a `text_mask` to read
+        the tokens by, a backbone says yes."""
+        text_mask = getattr(self, "text_mask", None)
+        if text_mask is None:
+            return True
+        return not bool(text_mask(self.tokenize([text]))[0, -1])
+
     def token_strings(self, token_ids: torch.Tensor) -> list[list[str]]:
         """`[B, L]` ids -> each token as text (explanations name the tokens they weigh).
         Default, for a tokenizer that cannot say: the ids themselves."""

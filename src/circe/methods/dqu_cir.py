@@ -13,7 +13,8 @@ Unification), each read by the unchanged CLIP encoder of its modality:
 
 The raw-data stage is `prepare_query` (see `circe.methods.base`): the data pipeline gives
 it the reference image before preprocessing, with its caption, and `encode_queries` then
-receives the pixels of I_u and the text T_u. Captions come from the data set or a captions
+receives the pixels of I_u and the text T_u. When T_u is longer than the text encoder's
+context, its caption is shortened (`fitted_unified_text`), never the modification. Captions come from the data set or a captions
 file (`circe.data.captions`), key words from a rule-based extractor or a key-word file
 (`circe.data.keywords`), and the words are drawn by `circe.data.render.write_words`.
 
@@ -29,6 +30,7 @@ The learnable logit scale of the loss is the trainer's learned temperature
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +86,27 @@ def unified_text(caption: str, text: str, template: str = TEMPLATE) -> str:
     if not text or not text.strip():
         raise ValueError("a modification text is empty: describe how the target differs")
     return template.format(caption=caption.strip(), text=text.strip())
+
+
+def fitted_unified_text(caption: str, text: str, template: str, fits: Callable[[str], bool]) -> str:
+    """T_u shortened until `fits` says the text encoder reads all of it: the caption loses
+    its trailing parts (", "-separated), then its trailing words; the modification is never
+    cut here. A long caption ("a small red circle in the top left, a large ...") plus the
+    modification can exceed a small text context (circe-tiny: 48 tokens), and a tokenizer
+    cuts from the end: the modification, the one part of the query that says what changes.
+    """
+    unified = unified_text(caption, text, template)
+    if fits(unified):
+        return unified
+    parts = [part.strip() for part in caption.split(",") if part.strip()]
+    shorter = [", ".join(parts[:n]) for n in range(len(parts) - 1, 0, -1)]
+    words = parts[0].split() if parts else []
+    shorter += [" ".join(words[:n]) for n in range(len(words) - 1, 0, -1)]
+    for candidate in shorter:
+        unified = unified_text(candidate, text, template)
+        if fits(unified):
+            return unified
+    return unified  # the modification alone is too long: the tokenizer cuts it
 
 
 def unified_image(image: Image.Image, keywords: str) -> Image.Image:
@@ -149,7 +172,9 @@ class DQUCIR(FrozenBackboneMethod):
 
     def prepare_query(self, query: RawQuery) -> tuple[Image.Image, str]:
         """(I_u, T_u) of a raw query: the words-on-image query and the unified text."""
-        text = unified_text(self.caption_of(query), query.text, self.config.template)
+        text = fitted_unified_text(
+            self.caption_of(query), query.text, self.config.template, self.backbone.fits_context
+        )
         words = self.keywords.extract(query.text, query.query_id)
         return unified_image(query.image, words), text
 
@@ -161,6 +186,7 @@ class DQUCIR(FrozenBackboneMethod):
             "captions": config.captions,
             "keywords": config.keywords,
             "render": "write_words/1",
+            "caption_fit": "trailing-parts/1",  # T_u's caption shortened to fit the context
         }
 
     # -- encoders ------------------------------------------------------------------------------
