@@ -222,6 +222,7 @@ def test_index_and_search_through_the_cli(config, members, test_split, tmp_path)
 
 
 def test_bench_fusion_trains_the_gate_on_a_held_out_split_and_reuses_the_members(config, tmp_path):
+    from circe.bench import quality
     from circe.bench_fusion import fusion
 
     runs, base = tmp_path / "runs", config.replace(epochs=2)
@@ -229,19 +230,25 @@ def test_bench_fusion_trains_the_gate_on_a_held_out_split_and_reuses_the_members
     held_out = fusion(
         base, tmp_path / "val", (0,), members, progress=False, runs_dir=runs, gate_split="val"
     )
-    seed = runs / "seed-0"
     gate_run = json.loads(
-        (seed / "dafm-combiner+dwc-frozen-text-gate-val" / "config.json").read_text()
+        (runs / "dafm-combiner+dwc-frozen-text-gate-val" / "seed-0" / "config.json").read_text()
     )
     assert gate_run["train_split"] == "val" and gate_run["eval_every"] == 0
     assert held_out["gate_split"] == "val"
     assert set(held_out["summary"]["metrics"]["test"]) == {*members, "dafm-equal", "dafm"}
     assert "gate on the `val` split" in (tmp_path / "val" / "fusion.md").read_text()
     # The same members serve a gate trained on their own training pairs: not trained again.
-    stamps = {m: (seed / m / "results.json").stat().st_mtime_ns for m in members}
+    stamps = {m: (runs / m / "seed-0" / "results.json").stat().st_mtime_ns for m in members}
     on_train = fusion(base, tmp_path / "train", (0,), members, progress=False, runs_dir=runs)
-    assert {m: (seed / m / "results.json").stat().st_mtime_ns for m in members} == stamps
-    assert (seed / "dafm-combiner+dwc-frozen-text-gate-train" / "best").exists()
+    assert {m: (runs / m / "seed-0" / "results.json").stat().st_mtime_ns for m in members} == (
+        stamps
+    )
+    assert (runs / "dafm-combiner+dwc-frozen-text-gate-train" / "seed-0" / "best").exists()
+    # The members are the runs of `circe bench quality`: it reads them back, untrained.
+    quality(base, tmp_path / "quality", (0,), members, progress=False, runs_dir=runs)
+    assert {m: (runs / m / "seed-0" / "results.json").stat().st_mtime_ns for m in members} == (
+        stamps
+    )
     for member in members:  # the members' own scores do not depend on the gate
         assert (
             on_train["runs"][0]["metrics"]["test"][member]

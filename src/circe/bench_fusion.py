@@ -3,7 +3,7 @@
 Per seed, with one training config (the one of `circe bench quality`, seed replaced): train
 each member method, optionally add a member with random weights (DAFM should learn to
 distrust it), train `dafm` over the members, and build `dafm-equal` over the same members.
-On `test` and `test_unseen`, every member is encoded once as `circe eval` encodes it, and
+On `test_phrasing`, `test` and `test_unseen`, every member is encoded once as `circe eval` encodes it, and
 both fusions are computed from those member embeddings with their own fusion functions
 (`encode_queries_from_features`, exactly what their raw-input encoders do). The best single
 member is the member with the best mean R@1 over seeds, per split.
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from circe.bench import KS, TABLE_KS, TEST_SPLITS, _machine, _summary, _write
+from circe.bench import KS, REPORT_SPLITS, TABLE_KS, TEST_SPLITS, _machine, _summary, _write
 from circe.data.batching import raw_query
 from circe.data.types import CIRSplit
 from circe.eval.evaluate import encode_gallery, encode_queries, masks
@@ -92,32 +92,35 @@ def _labels(dafm: DAFM, random_member: bool) -> list[str]:
 
 def _seed_run(
     config: TrainConfig,
-    scratch: Path,
+    runs: Path,
     members: Sequence[str],
     random_member: bool,
     progress: bool,
     gate_split: str = "train",
 ) -> dict[str, Any]:
     """Train the members and DAFM with `config` (DAFM's gate on `gate_split`); score
-    everything; measure the cost."""
+    everything; measure the cost. Runs go to `runs/NAME/seed-N`, the layout of `circe bench
+    quality`, so that the members of a fusion are the very runs of the quality table."""
+    seed = f"seed-{config.seed}"
     paths, train_seconds = [], {}
     for name in members:
-        results = trained(replace(config, method=name), scratch / name, progress)
-        paths.append(str(scratch / name / "best"))
+        results = trained(replace(config, method=name), runs / name / seed, progress)
+        paths.append(str(runs / name / seed / "best"))
         train_seconds[name] = results["train_seconds"]
     if random_member:
-        paths.append(str(write_random_member(paths[0], scratch / RANDOM, config.seed)))
+        paths.append(str(write_random_member(paths[0], runs / RANDOM / seed, config.seed)))
     fused = replace(
         config,
         method="dafm",
         method_config={"members": paths},
         train_split=gate_split,
+        test_splits=[],  # the bench scores DAFM itself, from the members' embeddings
         # A gate trained on the validation split is not selected on it too: its last epoch.
         eval_every=0 if gate_split == config.eval_split else config.eval_every,
     )
     # One DAFM run per member set and gate split, beside the members it fuses.
     fused_dir = (
-        scratch / f"dafm-{'+'.join([*members, *[RANDOM] * random_member])}-gate-{gate_split}"
+        runs / f"dafm-{'+'.join([*members, *[RANDOM] * random_member])}-gate-{gate_split}" / seed
     )
     results = trained(fused, fused_dir, progress)
     train_seconds["dafm"] = results["train_seconds"]
@@ -184,18 +187,19 @@ def fusion(
     """DAFM over `members` (plus a random one) against each member and `dafm-equal`, over
     seeds. DAFM's gate is trained on `gate_split`: `train` (the members' own training pairs)
     or a split the members never saw (`val`: stacking; then trained for the config's epochs,
-    without selection). Training runs are kept in `runs_dir/seed-N/` when given (finished
-    ones reused, interrupted ones continued). Writes `fusion.json` and `fusion.md` in
+    without selection). Training runs are kept in `runs_dir/METHOD/seed-N` when given (the
+    layout of `circe bench quality`: finished runs reused, interrupted ones continued). Writes `fusion.json` and `fusion.md` in
     `out_dir`; returns the record."""
     if len(members) + random_member < 2:
         raise ValueError("fusion needs at least two members (or one and --random-member)")
-    # The bench tests every model itself, from one pass of the members over each split.
-    base = replace(base, test_splits=[])
+    # Members are trained exactly as `circe bench quality` trains them (same splits scored),
+    # so a runs directory shared with it serves both.
+    base = replace(base, test_splits=list(REPORT_SPLITS))
     with tempfile.TemporaryDirectory(prefix="circe-fusion-") as scratch:
         runs = [
             _seed_run(
                 replace(base, seed=seed),
-                Path(runs_dir or scratch) / f"seed-{seed}",
+                Path(runs_dir or scratch),
                 members,
                 random_member,
                 progress,
