@@ -142,3 +142,19 @@ def test_bench_quality_takes_its_settings_from_config_and_flags(bench, tiny_weig
     assert train_config["root"] == str(bench) and train_config["backbone_weights"] == str(weights)
     assert train_config["epochs"] == 1 and train_config["threads"] == 1
     assert (tmp_path / "runs" / "combiner" / "seed-0" / "results.json").is_file()
+    # A plan: its methods when no --method is given, and a method's own recipe.
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(settings.read_text() + "lr: 5.0e-4\n")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"methods: [sum, combiner]\nrecipes:\n  combiner: {recipe}\n")
+    common = [
+        "bench", "quality", "--config", settings, "--root", bench, "--seeds", 1,
+        "--backbone", f"open_clip:{arch}", "--weights", weights, "--threads", 1,
+    ]  # fmt: skip
+    result = run(*common, "--plan", plan, "--out", tmp_path / "planned")
+    assert result.exit_code == 0, result.output
+    methods = json.loads((tmp_path / "planned" / "quality.json").read_text())["methods"]
+    assert list(methods) == ["sum", "combiner"] and methods["combiner"]["recipe"] == {"lr": 5e-4}
+    plan.write_text("method: [sum]\n")
+    result = run(*common, "--plan", plan, "--out", tmp_path / "bad")
+    assert result.exit_code != 0 and "a bench plan holds" in result.output

@@ -434,6 +434,23 @@ def _bench_config(
     return settings
 
 
+def _read_bench_plan(path: Path) -> tuple[list[str], dict[str, str]]:
+    """(methods, {method: recipe config path}) from a bench plan YAML."""
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"bench plan not found: {path}")
+    plan = yaml.safe_load(path.read_text()) or {}
+    methods, recipes = plan.get("methods", []), plan.get("recipes", {})
+    unknown = set(plan) - {"methods", "recipes"}
+    if unknown or not isinstance(methods, list) or not isinstance(recipes, dict):
+        raise ValueError(
+            f"{path}: a bench plan holds `methods:` (a list of names) and `recipes:` "
+            f"(method: config path), got {sorted(plan)}"
+        )
+    return [str(m) for m in methods], {str(k): str(v) for k, v in recipes.items()}
+
+
 def _command_line() -> str:
     return " ".join(["circe", *sys.argv[1:]])
 
@@ -471,6 +488,13 @@ def bench_quality(
             "(a recipe chosen on validation); repeatable."
         ),
     ] = None,
+    plan: Annotated[
+        Path | None,
+        typer.Option(
+            help="YAML with `methods:` (a list, used when no --method is given) and "
+            "`recipes:` (METHOD: CONFIG.yaml): a committed bench setup."
+        ),
+    ] = None,
 ) -> None:
     """Evaluate every zero-shot method and train every trainable one over seeds; write
     quality.json and quality.md."""
@@ -479,16 +503,18 @@ def bench_quality(
 
     try:
         base = _bench_config(config, root, threads, weights, epochs=epochs, backbone=backbone)
+        planned_methods, planned_recipes = _read_bench_plan(plan) if plan else ([], {})
+        given = dict(item.partition("=")[::2] for item in recipe or [])
         recipes = {}
-        for item in recipe or []:
-            name, separator, path = item.partition("=")
-            if not separator or not path:
-                raise ValueError(f"--recipe takes METHOD=CONFIG.yaml, got {item!r}")
+        for name, path in {**planned_recipes, **given}.items():
+            if not name or not path:
+                raise ValueError(f"--recipe takes METHOD=CONFIG.yaml, got {name}={path}")
             recipes[name] = _bench_config(
                 Path(path), root, threads, weights, epochs=epochs, backbone=backbone
             )
+        methods = method or planned_methods or None
         record = quality(
-            base, out, range(seeds), method, _command_line(), runs_dir=runs, recipes=recipes
+            base, out, range(seeds), methods, _command_line(), runs_dir=runs, recipes=recipes
         )
     except (FileNotFoundError, WeightsNotFoundError, TypeError, ValueError) as error:
         raise _fail(str(error)) from None
