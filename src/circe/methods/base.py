@@ -312,6 +312,20 @@ class FrozenBackboneMethod(CIRMethod):
         (`TokenFeatures` of each instead, for a method that `uses_tokens`)."""
 
 
+class OptionalTextTuning:
+    """For a `FrozenBackboneMethod` whose config has `finetune_text`: set, the method
+    fine-tunes its text tower (the image tower stays frozen, so image features stay cached),
+    and its checkpoints then carry the backbone with the fusion that fits it."""
+
+    @property
+    def trains_text_tower(self) -> bool:
+        return self.config.finetune_text
+
+    @property
+    def frozen_backbone(self) -> bool:
+        return not self.config.finetune_text
+
+
 _REGISTRY: dict[str, type[CIRMethod]] = {}
 M = TypeVar("M", bound=CIRMethod)
 

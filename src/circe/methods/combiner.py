@@ -29,7 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from circe.backbones.base import Backbone
-from circe.methods.base import FrozenBackboneMethod, register_method, register_variant
+from circe.methods.base import (
+    FrozenBackboneMethod,
+    OptionalTextTuning,
+    register_method,
+    register_variant,
+)
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ def _projection(in_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
 
 
 @register_method("combiner")
-class Combiner(FrozenBackboneMethod):
+class Combiner(OptionalTextTuning, FrozenBackboneMethod):
     """Frozen backbone + the Combiner fusion network (about 2.3M parameters at d = 128)."""
 
     def __init__(self, backbone: Backbone, **config):
@@ -66,15 +71,6 @@ class Combiner(FrozenBackboneMethod):
         self.dynamic_scalar = nn.Sequential(
             _projection(2 * wide, 2 * wide, p), nn.Linear(2 * wide, 1), nn.Sigmoid()
         )
-
-    @property
-    def trains_text_tower(self) -> bool:  # type: ignore[override]
-        return self.config.finetune_text
-
-    @property
-    def frozen_backbone(self) -> bool:  # type: ignore[override]
-        # A fine-tuned text tower must go into the checkpoints with the fusion it fits.
-        return not self.config.finetune_text
 
     def encode_queries_from_features(
         self, image_features: torch.Tensor, text_features: torch.Tensor

@@ -57,6 +57,7 @@ from torch import nn
 from circe.backbones.base import Backbone
 from circe.methods.base import (
     FrozenBackboneMethod,
+    OptionalTextTuning,
     TrainingState,
     register_method,
     register_variant,
@@ -130,7 +131,7 @@ class Adapter(nn.Module):
 
 
 @register_method("dwc")
-class DWC(FrozenBackboneMethod):
+class DWC(OptionalTextTuning, FrozenBackboneMethod):
     """EMD stream + CLIP mutual enhancement stream, SSG labels, on a (mostly) frozen backbone."""
 
     def __init__(self, backbone: Backbone, **config):
@@ -146,15 +147,6 @@ class DWC(FrozenBackboneMethod):
         if c.mutual:
             self.image_adapter = Adapter(d, hidden, c.dropout)
             self.text_adapter = Adapter(d, hidden, c.dropout)
-
-    @property
-    def trains_text_tower(self) -> bool:  # type: ignore[override]
-        return self.config.finetune_text
-
-    @property
-    def frozen_backbone(self) -> bool:  # type: ignore[override]
-        # A fine-tuned text tower must go into the checkpoints with the fusion it fits.
-        return not self.config.finetune_text
 
     # -- the EMD stream ---------------------------------------------------------------------
 
