@@ -1,6 +1,6 @@
 """How much can per-query fusion gain over DAFM's members, and what does its gate learn from?
 
-For one trained DAFM (a run of `circe bench fusion --runs DIR`: DIR/seed-N/dafm-...), on
+For one trained DAFM (a run of `circe bench fusion --runs DIR`: DIR/dafm-.../seed-N), on
 the training split, `val` and `test`:
 
 - R@1 of every member, of `dafm-equal` and of DAFM;
@@ -18,7 +18,7 @@ learns little that holds on unseen queries.
 
 Writes benchmarks/results/fusion/headroom.{json,md}.
 
-    python benchmarks/dafm_headroom.py --dafm runs/bench-fusion/seed-0/dafm-combiner+dwc+dqu-cir-gate-train
+    python benchmarks/dafm_headroom.py --dafm runs/bench-fusion/dafm-combiner+dwc+dqu-cir-gate-train/seed-0
 """
 
 from __future__ import annotations
