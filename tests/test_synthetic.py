@@ -234,6 +234,13 @@ def test_loading_errors_name_the_problem(tmp_path):
     root = write_synthetic(tmp_path / "bench", SMALL)
     with pytest.raises(ValueError, match="unknown synthetic split"):
         load_synthetic(root, "tset")
+    meta = json.loads((root / "meta.json").read_text())
+    (root / "meta.json").write_text(json.dumps({**meta, "format": 1}))
+    with pytest.raises(
+        DatasetFormatError, match=r"format 1; this circe reads format 2.*circe synth"
+    ):
+        load_synthetic(root, "val")
+    (root / "meta.json").write_text(json.dumps(meta))
     annotations = json.loads((root / "annotations.json").read_text())
     del annotations["splits"]["val"]["queries"][2]["text"]
     (root / "annotations.json").write_text(json.dumps(annotations))

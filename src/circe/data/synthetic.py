@@ -361,6 +361,13 @@ def load_synthetic(root: Path, split: str = "test") -> CIRSplit:
         raise FileNotFoundError(
             f"no synthetic benchmark at {root}; create it with `circe synth --out {root}`"
         )
+    written = json.loads((root / "meta.json").read_text()).get("format")
+    if written != FORMAT_VERSION:
+        raise DatasetFormatError(
+            f"{root} holds a synthetic benchmark of format {written}; this circe reads format "
+            f"{FORMAT_VERSION} (free wording, the val_phrasing and test_phrasing splits): "
+            f"delete it and run `circe synth --out {root}`"
+        )
     annotations = json.loads(annotations_path.read_text())
     part = annotations["splits"][split]
     images = root / "images"
