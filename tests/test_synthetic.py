@@ -8,10 +8,16 @@ import pytest
 from PIL import ImageChops
 
 from circe.data.phrasing import (
+    ACTIONS,
+    COMPARATIVES,
     FAMILIES,
     POOLS,
     RELATIONS,
+    SIZE_VERBS,
+    SIZE_WORDS,
     SPLIT_POOL,
+    STATES,
+    WRAPPERS,
     _relations,
     _towards,
     held_out_words,
@@ -134,6 +140,13 @@ def test_held_out_phrasing_families_never_reach_training_texts():
         assert len(held_out & used) >= len(held_out) // 2
     for split in ("train", "val", "test", "test_unseen"):
         assert all(FAMILIES[f] == "seen" for q in queries[split] for f in q["families"])
+
+
+def test_every_family_a_table_names_has_a_pool():
+    tables = [*ACTIONS.values(), *STATES.values(), WRAPPERS, *SIZE_WORDS.values()]
+    tables += [*SIZE_VERBS.values(), *COMPARATIVES.values()]
+    named = {family for table in tables for family, _ in table}
+    assert named <= set(FAMILIES) and set(FAMILIES.values()) == set(POOLS)
 
 
 def test_wording_has_real_variety():

@@ -45,6 +45,7 @@ from circe.data.synthetic import (
     random_scene,
 )
 from circe.progress import Progress
+from circe.threads import set_torch_threads
 
 
 @dataclass(frozen=True)
@@ -177,8 +178,7 @@ def pretrain(
     """
     from circe.backbones import build_openclip_model
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    set_torch_threads(config.threads)
     torch.manual_seed(config.seed)
     model, preprocess, tokenizer = build_openclip_model("circe-tiny")
     pixels, scenes, words = build_pool(preprocess, config, progress)

@@ -224,9 +224,6 @@ PROTECTED = frozenset(
     | {"centre", "no", "not", "without", "minus", "instead", "longer"}
 )
 
-for _family in {f for options in ACTIONS.values() for f, _ in options} | set(FAMILIES):
-    assert _family in FAMILIES, _family
-
 
 @dataclass(frozen=True)
 class Phrased:

@@ -252,11 +252,7 @@ def _rephrase(data: SyntheticData, split: str, pool: str) -> None:
     prefix = split.replace("_", "")
     queries = []
     for n, query in enumerate(data.split_queries[source]):
-        edit = query["edit"]
-        before, after = (
-            None if edit[side] is None else SceneObject(**edit[side])
-            for side in ("before", "after")
-        )
+        before, after = stated_objects(query["edit"])
         reference = data.scenes[query["reference"]]
         phrased = phrase_edit(
             query["kind"], reference, before, after, rng, pool, avoid=HELD_OUT_COMBINATIONS
@@ -276,6 +272,12 @@ def _rephrase(data: SyntheticData, split: str, pool: str) -> None:
 
 def scene_to_json(scene: Scene) -> list[dict]:
     return [asdict(o) for o in scene]
+
+
+def stated_objects(record: dict) -> tuple[SceneObject | None, SceneObject | None]:
+    """(before, after) of a query's recorded edit (`Edit.to_json`)."""
+    side = lambda o: None if o is None else SceneObject(**o)
+    return side(record["before"]), side(record["after"])
 
 
 def scene_from_json(records: list[dict]) -> Scene:

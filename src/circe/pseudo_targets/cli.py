@@ -53,11 +53,9 @@ def pseudo_targets_command(
     from circe.data.registry import load_split
     from circe.progress import track
     from circe.pseudo_targets.generate import create_generator, generate_pseudo_targets
+    from circe.threads import set_torch_threads
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    set_torch_threads(threads)
     options = {
         "noise": noise,
         "seed": seed,

@@ -38,7 +38,7 @@ from circe.data.render import (
     canonical,
     render_scene,
 )
-from circe.data.synthetic import scene_from_json, scene_to_json
+from circe.data.synthetic import scene_from_json, scene_to_json, stated_objects
 from circe.data.types import Gallery, Query
 from circe.pseudo_targets.generate import Edited, PseudoTargetGenerator
 
@@ -62,11 +62,7 @@ class ParsedEdit:
 
 def _stated_edit(kind: str, record: dict) -> ParsedEdit:
     """The edit a query's text states, from the benchmark's record of it."""
-    before, after = (
-        None if record[side] is None else SceneObject(**record[side])
-        for side in ("before", "after")
-    )
-    return ParsedEdit(kind, before, after)
+    return ParsedEdit(kind, *stated_objects(record))
 
 
 def shade(colour: tuple[int, int, int], direction: str) -> tuple[int, int, int]:
