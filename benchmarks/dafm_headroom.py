@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from circe.eval.evaluate import encode_gallery, encode_queries, masks
+from circe.methods.checkpoint import load_trained_method
 from circe.methods.dafm import DAFM
-from circe.train.checkpoint import load_trained_method
 from circe.train.data import load_split
 
 OUT = Path(__file__).resolve().parent / "results" / "fusion"

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from circe.methods import create_method, method_class
-from circe.train.checkpoint import load_trained_method
+from circe.methods.checkpoint import load_trained_method
 from circe.train.runlog import read_log
 from circe.train.trainer import Trainer
 

@@ -14,7 +14,7 @@ from circe.cli import app
 from circe.data.batching import raw_query
 from circe.eval.evaluate import encode_gallery, encode_queries, score_matrix
 from circe.methods import create_method, method_class
-from circe.train.checkpoint import load_trained_method
+from circe.methods.checkpoint import load_trained_method
 from circe.train.data import load_split
 from circe.train.trainer import Trainer, train
 

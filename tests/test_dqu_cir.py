@@ -165,8 +165,8 @@ def test_config_errors_are_clear(tiny_backbone):
 
 
 def test_training_lowers_the_loss_and_the_checkpoint_reloads(tmp_path, tiny_weights):
+    from circe.methods.checkpoint import load_trained_method
     from circe.train import TrainConfig, train
-    from circe.train.checkpoint import load_trained_method
 
     root = write_synthetic(
         tmp_path / "synth", SynthConfig(train=96, val=24, test=24, test_unseen=12, image_size=32)

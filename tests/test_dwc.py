@@ -7,13 +7,14 @@ import torch.nn.functional as F
 from circe.data.synthetic import SynthConfig, write_synthetic
 from circe.methods import create_method
 from circe.methods.base import TrainingState, contrastive_loss
-from circe.train.config import TrainConfig
-from circe.train.data import Pairs, load_split
-from circe.train.losses import (
+from circe.methods.inputs import Pairs
+from circe.methods.losses import (
     mutual_learning_loss,
     soft_label_contrastive_loss,
     soft_similarity_labels,
 )
+from circe.train.config import TrainConfig
+from circe.train.data import load_split
 from circe.train.runlog import read_log
 from circe.train.trainer import train
 

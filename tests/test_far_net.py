@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from circe.methods import create_method
-from circe.methods.base import TokenFeatures
+from circe.methods.inputs import Pairs, TokenFeatures
 from circe.progress import no_progress
 from circe.train.cache import FeatureCache, image_items, image_token_batches, text_token_batches
-from circe.train.data import Pairs, load_split
+from circe.train.data import load_split
 from circe.train.runlog import read_log
 from circe.train.trainer import train
 

@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 from circe.cli import app
 from circe.data.synthetic import scene_from_json
 from circe.methods import create_method
-from circe.methods.base import TokenFeatures
+from circe.methods.checkpoint import load_checkpoint, load_trained_method
+from circe.methods.inputs import TokenFeatures
 from circe.pseudo_targets.generate import create_generator, generate_pseudo_targets
 from circe.pseudo_targets.manifest import ID_PREFIX, PseudoTargets, with_pseudo_targets
 from circe.pseudo_targets.scene_editor import MISTAKES
-from circe.train.checkpoint import load_checkpoint, load_trained_method
 from circe.train.data import load_split
 from circe.train.runlog import read_log
 from circe.train.trainer import train

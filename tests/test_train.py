@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from circe.train import checkpoint as checkpoint_module
+from circe.methods import checkpoint as checkpoint_module
+from circe.methods.checkpoint import load_checkpoint, load_trained_method, save_checkpoint
 from circe.train import trainer as trainer_module
-from circe.train.checkpoint import load_checkpoint, load_trained_method, save_checkpoint
 from circe.train.config import TrainConfig
 from circe.train.data import epoch_plan, load_split, query_subset
 from circe.train.runlog import read_log
@@ -132,7 +132,8 @@ def test_feature_cache_is_computed_once_and_reused(config, tmp_path, monkeypatch
 
 
 def first_split_sizes(config):
-    from circe.train.data import Pairs, load_split
+    from circe.methods.inputs import Pairs
+    from circe.train.data import load_split
 
     pairs = Pairs.from_split(load_split("synthetic", config.root, "train"))
     return len(pairs.images), len(pairs.texts)

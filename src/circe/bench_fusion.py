@@ -31,8 +31,8 @@ from circe.data.types import CIRSplit
 from circe.eval.evaluate import encode_gallery, encode_queries, masks
 from circe.eval.metrics import recall_at_k
 from circe.methods import CIRMethod, create_method
+from circe.methods.checkpoint import load_checkpoint, load_trained_method, save_checkpoint
 from circe.methods.dafm import DAFM
-from circe.train.checkpoint import load_checkpoint, load_trained_method, save_checkpoint
 from circe.train.config import TrainConfig
 from circe.train.data import load_split
 from circe.train.trainer import trained

@@ -56,7 +56,7 @@ def _load_method(name: str, backbone: str, weights: Path | None):
 
 def _load_checkpoint(path: Path):
     from circe.backbones import WeightsNotFoundError
-    from circe.train.checkpoint import load_trained_method
+    from circe.methods.checkpoint import load_trained_method
 
     try:
         return load_trained_method(path)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import random
 import time
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from circe.atomic import replacing
 from circe.data.phrasing import phrase_edit, varied_caption
 from circe.data.render import COLOURS, POSITIONS, SHAPES, SIZES, render_scene, write_words
 from circe.data.synthetic import (
@@ -250,9 +250,8 @@ def pretrain(
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(state, tmp, metadata={"config": json.dumps(asdict(config))})
-    tmp.replace(out)
+    with replacing(out) as temporary:
+        save_file(state, temporary, metadata={"config": json.dumps(asdict(config))})
     window = max(1, config.steps // 20)
     report = {
         "config": asdict(config),
@@ -271,6 +270,5 @@ def pretrain(
 def _save_resume_point(path: Path, state: dict) -> None:
     """Write, then rename: an interruption mid-write leaves the previous resume point."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as temporary:
+        torch.save(state, temporary)

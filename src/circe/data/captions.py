@@ -15,12 +15,12 @@ DQU-CIR captions every image offline with BLIP-2 and ships the captions as JSON 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from PIL import Image
 
+from circe.atomic import write_text_atomic
 from circe.data.types import DatasetFormatError, Gallery
 from circe.progress import Progress
 
@@ -45,9 +45,7 @@ def read_captions(path: str | Path) -> dict[str, str]:
 
 
 def _write_atomically(path: Path, captions: dict[str, str]) -> None:
-    staging = path.with_name(path.name + ".tmp")
-    staging.write_text(json.dumps(captions, indent=1, ensure_ascii=False))
-    os.replace(staging, path)
+    write_text_atomic(path, json.dumps(captions, indent=1, ensure_ascii=False))
 
 
 class CaptionFile:

@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from circe.methods.base import CIRMethod
+from circe.backbones import file_sha256, load_backbone
+from circe.methods.base import CIRMethod, create_method
+from circe.methods.checkpoint import load_checkpoint, load_trained_method
 
 # The fields that decide whether two methods embed into the same space. Where the files
 # were loaded from (`source`) does not: a moved checkpoint with the same bytes is the same.
@@ -38,12 +40,7 @@ class MethodSource:
     def load(self) -> CIRMethod:
         """The method, in eval mode (raises the loaders' own clear errors)."""
         if self.checkpoint is not None:
-            from circe.train.checkpoint import load_trained_method
-
             return load_trained_method(self.checkpoint)
-        from circe.backbones import load_backbone
-        from circe.methods import create_method
-
         if self.method is None:
             raise ValueError("name a method (or a trained checkpoint) to load")
         return create_method(self.method, load_backbone(self.backbone, self.weights)).eval()
@@ -118,9 +115,6 @@ def identity_of(method: CIRMethod, source: MethodSource) -> MethodIdentity:
         weights = None if source.weights is None else str(Path(source.weights).resolve())
         source = MethodSource(method=method.name, backbone=source.backbone, weights=weights)
     else:
-        from circe.backbones import file_sha256
-        from circe.train.checkpoint import load_checkpoint
-
         resolved = load_checkpoint(source.checkpoint).path  # RUN_DIR -> RUN_DIR/best/...
         checkpoint_sha256 = file_sha256(resolved / "model.safetensors")
         source = MethodSource(checkpoint=str(Path(source.checkpoint).resolve()))

@@ -12,7 +12,6 @@ another space.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 import zipfile
@@ -20,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from circe.atomic import replacing
 from circe.index.files import ImageFile
 from circe.index.identity import MethodIdentity
 from circe.index.store import write_json_atomic
-from circe.train.atomic import fsync_path
 
 
 class PendingRun:
@@ -75,8 +74,7 @@ class PendingRun:
             return
         number = len(self._shards()) + 1
         final = self.directory / f"shard-{number:06d}-{uuid.uuid4().hex[:6]}.npz"
-        temporary = self.directory / f".tmp-{final.name}"
-        with temporary.open("wb") as out:
+        with replacing(final, durable=True) as temporary, temporary.open("wb") as out:
             np.savez(
                 out,
                 paths=np.array([f.path for f in files]),
@@ -84,8 +82,6 @@ class PendingRun:
                 mtimes=np.array([f.mtime_ns for f in files], dtype=np.int64),
                 vectors=vectors,
             )
-        fsync_path(temporary)
-        os.replace(temporary, final)
 
     def clear(self) -> None:
         """The run is committed: its shards are no longer needed."""

@@ -39,9 +39,9 @@ from typing import Any
 
 import numpy as np
 
+from circe.atomic import fsync_path, write_text_atomic
 from circe.index.files import ImageFile
 from circe.index.identity import MethodIdentity
-from circe.train.atomic import fsync_path
 
 FORMAT_VERSION = 1
 MANIFEST = "index.json"
@@ -64,11 +64,7 @@ def check_space_name(name: str) -> str:
 
 def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
     """Write JSON beside `path`, flush it to disk, then rename it over `path`."""
-    temporary = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-    temporary.write_text(json.dumps(record, indent=2))
-    fsync_path(temporary)
-    os.replace(temporary, path)
-    fsync_path(path.parent)
+    write_text_atomic(path, json.dumps(record, indent=2), durable=True)
 
 
 def read_manifest(index_dir: Path) -> dict[str, Any] | None:

@@ -6,7 +6,7 @@ import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from typing import ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -15,19 +15,8 @@ from torch import nn
 
 from circe.backbones.base import Backbone
 from circe.data.types import CIRSplit, RawQuery
-
-if TYPE_CHECKING:  # the trainer's types, named by a hook the trainer calls
-    from circe.progress import Progress
-    from circe.train.data import FeaturePairs, Pairs
-
-
-@dataclass
-class Batch:
-    """A training batch: reference pixels, modification texts, target pixels."""
-
-    reference_pixels: torch.Tensor  # [B, 3, H, W]
-    texts: list[str]
-    target_pixels: torch.Tensor  # [B, 3, H, W]
+from circe.methods.inputs import Batch, FeaturePairs, Pairs, TokenFeatures
+from circe.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -42,22 +31,6 @@ class TrainingState:
     def progress(self) -> float:
         """Fraction of training done, in [0, 1]."""
         return min(1.0, self.step / max(1, self.total_steps))
-
-
-@dataclass
-class TokenFeatures:
-    """A frozen tower's outputs for a method that fuses token sequences (`uses_tokens`)."""
-
-    pooled: torch.Tensor  # [B, D], the pooled, projected embedding (not normalised)
-    tokens: torch.Tensor  # [B, L, W], the tower's last hidden states
-    mask: torch.Tensor  # [B, L] bool, True on real tokens (all True for image patches)
-
-    def __len__(self) -> int:
-        return len(self.pooled)
-
-    def to(self, device: torch.device | str) -> TokenFeatures:
-        """On `device` (the same call as `Tensor.to`, so batches move either kind alike)."""
-        return TokenFeatures(self.pooled.to(device), self.tokens.to(device), self.mask.to(device))
 
 
 def contrastive_loss(

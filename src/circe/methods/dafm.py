@@ -46,7 +46,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -58,10 +57,9 @@ from circe.backbones.base import Backbone
 from circe.data.batching import loaded_batches
 from circe.data.types import RawQuery
 from circe.methods.base import CIRMethod, TrainingState, register_method
+from circe.methods.checkpoint import load_checkpoint, load_trained_method
+from circe.methods.inputs import FeaturePairs, Pairs, QueryFeatures
 from circe.progress import Progress
-
-if TYPE_CHECKING:
-    from circe.train.data import FeaturePairs, Pairs
 
 # Per member: max, mean, std and normalised entropy of its cosines to the anchor targets.
 STATISTICS = 4
@@ -106,10 +104,6 @@ class DAFMConfig:
 def _load_member(path: str, number: int, backbone: Backbone) -> tuple[CIRMethod, str]:
     """A trained member in eval mode on `backbone`'s device (on `backbone` itself when it was
     trained on it: one copy in memory), and the sha256 of its weights file."""
-    # The checkpoint loader builds methods by name, so it imports this package: import it
-    # only when a member is loaded.
-    from circe.train.checkpoint import load_checkpoint, load_trained_method
-
     try:
         checkpoint = load_checkpoint(path)
     except FileNotFoundError as error:
@@ -362,9 +356,6 @@ class DAFM(CIRMethod):
         and targets `[I, ΣD]` (one row per image of `pairs.images`). Also fixes the anchor
         targets of the score statistics (K images spread evenly over the training images)
         and the training gallery the loss ranks against."""
-        # The trainer's data module imports the methods: import it when the trainer calls.
-        from circe.train.data import FeaturePairs, QueryFeatures
-
         gallery = pairs.split.gallery
         images = _encode_all(
             loaded_batches(pairs.images, gallery.open, batch_size, workers),

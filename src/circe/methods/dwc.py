@@ -62,7 +62,7 @@ from circe.methods.base import (
     register_method,
     register_variant,
 )
-from circe.train.losses import (
+from circe.methods.losses import (
     mutual_learning_loss,
     soft_label_contrastive_loss,
     soft_similarity_labels,

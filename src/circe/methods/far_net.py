@@ -55,12 +55,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from circe.backbones.base import Backbone
-from circe.methods.base import (
-    FrozenBackboneMethod,
-    TokenFeatures,
-    register_method,
-    register_variant,
-)
+from circe.methods.base import FrozenBackboneMethod, register_method, register_variant
+from circe.methods.inputs import TokenFeatures
 
 
 @dataclass(frozen=True)

@@ -56,11 +56,12 @@ from circe.backbones.base import Backbone
 from circe.data.types import CIRSplit
 from circe.methods.base import (
     FrozenBackboneMethod,
-    TokenFeatures,
     method_class,
     register_method,
     register_variant,
 )
+from circe.methods.checkpoint import load_checkpoint
+from circe.methods.inputs import TokenFeatures
 from circe.pseudo_targets.manifest import with_pseudo_targets
 
 FUSIONS = ("adaptive", "mean")
@@ -205,9 +206,6 @@ class TMCIR(FrozenBackboneMethod):
 
     def _start_from_stage1(self, path: str) -> None:
         """Load a stage-1 run's backbone (its aligned text tower) into this method's copy."""
-        # The checkpoint module builds methods by name, so it imports this one: load on use.
-        from circe.train.checkpoint import load_checkpoint
-
         checkpoint = load_checkpoint(path)
         info = checkpoint.info
         if not (

@@ -24,6 +24,7 @@ from typing import Any
 
 from PIL import Image
 
+from circe.atomic import replacing, write_text_atomic
 from circe.data.types import CIRSplit, Gallery
 
 FORMAT_VERSION = 1
@@ -94,9 +95,7 @@ class ManifestWriter:
         records, whole = _read_manifest(path)
         kept = {q: r for q, r in records.items() if (self.out / r["image"]).is_file()}
         if not whole or len(kept) < len(records):
-            staging = path.with_suffix(".tmp")
-            staging.write_text("".join(json.dumps(r) + "\n" for r in kept.values()))
-            os.replace(staging, path)
+            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept.values()))
         return kept
 
     @property
@@ -106,9 +105,8 @@ class ManifestWriter:
     def add(self, query_id: str, image: Image.Image, details: dict[str, Any]) -> None:
         """Write one image (atomically), then its record."""
         relative = f"{IMAGES}/{image_name(query_id)}"
-        staging = self.out / f"{relative}.tmp"
-        image.save(staging, format="PNG")
-        os.replace(staging, self.out / relative)
+        with replacing(self.out / relative) as staging:
+            image.save(staging, format="PNG")
         record = {
             "query_id": query_id,
             "image": relative,

@@ -33,12 +33,13 @@ from numpy.lib.format import open_memmap
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from circe.atomic import fsync_path
 from circe.backbones.base import Backbone
 from circe.data.batching import image_batches
 from circe.data.types import Gallery
-from circe.methods.base import FrozenBackboneMethod, TokenFeatures
+from circe.methods.base import FrozenBackboneMethod
+from circe.methods.inputs import TokenFeatures
 from circe.progress import Progress
-from circe.train.atomic import fsync_path
 
 FORMAT_VERSION = 1
 

@@ -7,9 +7,9 @@ import math
 import torch
 from torch import nn
 
-from circe.methods.base import Batch, CIRMethod, TrainingState
-from circe.train.data import FeatureBatch
-from circe.train.losses import gather_batch
+from circe.methods.base import CIRMethod, TrainingState
+from circe.methods.inputs import Batch, FeatureBatch
+from circe.methods.losses import gather_batch
 
 # Lower bound on a learned temperature (CLIP caps its logit scale at 100 for the same reason:
 # a vanishing temperature makes the softmax one-hot and the loss unstable).

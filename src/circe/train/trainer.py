@@ -26,6 +26,9 @@ from circe.backbones import load_backbone
 from circe.eval.evaluate import evaluate
 from circe.methods import CIRMethod, FrozenBackboneMethod, create_method, list_methods, method_class
 from circe.methods.base import TrainingState
+from circe.methods.checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT
+from circe.methods.checkpoint import load_checkpoint, save_checkpoint
+from circe.methods.inputs import FeaturePairs, Pairs, QueryFeatures
 from circe.progress import track
 from circe.threads import set_torch_threads
 from circe.train.cache import (
@@ -39,14 +42,9 @@ from circe.train.cache import (
     prepared_query_what,
     text_token_batches,
 )
-from circe.train.checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT
-from circe.train.checkpoint import load_checkpoint, save_checkpoint
 from circe.train.config import RESUMABLE_OVERRIDES, TrainConfig
 from circe.train.data import (
-    FeaturePairs,
-    Pairs,
     PixelPairs,
-    QueryFeatures,
     epoch_plan,
     load_split,
     query_subset,

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from circe.atomic import fsync_path
 from circe.backbones import load_backbone
 from circe.backbones.base import Backbone
-from circe.methods import CIRMethod, create_method
-from circe.train.atomic import fsync_path
+from circe.methods.base import CIRMethod, create_method
 
 FORMAT_VERSION = 1
 LINKS = ("last", "best")
