@@ -18,6 +18,8 @@ from circe.methods.base import (
     list_methods,
     method_class,
     register_method,
+    standalone_methods,
+    variant_of,
 )
 
 __all__ = [
@@ -29,4 +31,6 @@ __all__ = [
     "list_methods",
     "method_class",
     "register_method",
+    "standalone_methods",
+    "variant_of",
 ]

@@ -52,6 +52,9 @@ class CIRMethod(nn.Module, ABC):
 
     name: ClassVar[str]
     trainable: ClassVar[bool] = True
+    # What must exist before this method can be created, for a user to read ("" = nothing):
+    # DAFM fuses trained members, so it is not part of "every method" runs.
+    requires: ClassVar[str] = ""
     # True: the backbone is never trained, so its outputs are a pure function of the input
     # and may be computed once and cached (see `FrozenBackboneMethod`, `circe.train.cache`).
     frozen_backbone: ClassVar[bool] = False
@@ -300,17 +303,25 @@ class OptionalTextTuning:
 
 
 _REGISTRY: dict[str, type[CIRMethod]] = {}
+_VARIANT_OF: dict[str, str] = {}  # ablation or baseline variant -> the method it varies
 M = TypeVar("M", bound=CIRMethod)
 
 
-def register_method(name: str) -> Callable[[type[CIRMethod]], type[CIRMethod]]:
-    """Class decorator: make a method creatable by name (`create_method`)."""
+def register_method(
+    name: str, variant_of: str | None = None
+) -> Callable[[type[CIRMethod]], type[CIRMethod]]:
+    """Class decorator: make a method creatable by name (`create_method`); `variant_of`: the
+    registered method this one is an ablation or baseline of (listed under it)."""
 
     def add(cls: type[CIRMethod]) -> type[CIRMethod]:
         if name in _REGISTRY:
             raise ValueError(f"method name {name!r} is registered twice")
+        if variant_of is not None and variant_of not in _REGISTRY:
+            raise ValueError(f"{name!r} is a variant of {variant_of!r}, which is not registered")
         cls.name = name
         _REGISTRY[name] = cls
+        if variant_of is not None:
+            _VARIANT_OF[name] = variant_of
         return cls
 
     return add
@@ -326,11 +337,25 @@ def register_variant(name: str, base: type[M], doc: str, **settings) -> type[M]:
 
     class_name = "".join(part.capitalize() for part in name.split("-"))
     namespace = {"__init__": __init__, "__doc__": doc, "__module__": base.__module__}
-    return register_method(name)(type(class_name, (base,), namespace))
+    return register_method(name, variant_of=base.name)(type(class_name, (base,), namespace))
 
 
-def list_methods() -> list[str]:
-    return sorted(_REGISTRY)
+def list_methods(variants: bool = True) -> list[str]:
+    """Registered names, sorted; `variants=False`: the methods alone, without their
+    ablation and baseline variants."""
+    return sorted(n for n in _REGISTRY if variants or n not in _VARIANT_OF)
+
+
+def variant_of(name: str) -> str | None:
+    """The method that `name` is a variant of; None for a method of its own."""
+    method_class(name)  # an unknown name is an error, not "no variant"
+    return _VARIANT_OF.get(name)
+
+
+def standalone_methods() -> list[str]:
+    """What "every method" means (`circe bench quality` without `--method`): each method
+    but not its variants, and not one that needs other trained runs first (`requires`)."""
+    return [n for n in list_methods(variants=False) if not _REGISTRY[n].requires]
 
 
 def method_class(name: str) -> type[CIRMethod]:

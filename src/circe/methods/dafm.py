@@ -166,6 +166,7 @@ def _encode_all(
 class DAFM(CIRMethod):
     """Per-query weighted fusion of trained members' similarities (gate: ~(ΣD + 4M)·h)."""
 
+    requires = "trained member runs (config `members`: RUN_DIR/best of each)"
     encodes_raw_inputs = True
     # DAFM's own backbone (the trainer's `backbone`) only identifies the run and places the
     # members on its device: it is never trained nor stored, like a frozen backbone.
@@ -392,7 +393,7 @@ def _keep_members(module: DAFM, state: dict, prefix: str, *_) -> None:
         state.setdefault(key, value)
 
 
-@register_method("dafm-equal")
+@register_method("dafm-equal", variant_of="dafm")
 class DAFMEqual(DAFM):
     """Baseline: every member weighs 1/M for every query (nothing to train)."""
 

@@ -43,7 +43,7 @@ from circe.data.captions import CaptionFile
 from circe.data.keywords import keyword_extractor
 from circe.data.render import write_words
 from circe.data.types import RawQuery
-from circe.methods.base import FrozenBackboneMethod, register_method
+from circe.methods.base import FrozenBackboneMethod, register_method, register_variant
 
 LAMBDA_MODES = ("learned", "fixed", "text", "image")
 FINETUNE_MODES = ("none", "text", "full")
@@ -225,25 +225,21 @@ class DQUCIR(FrozenBackboneMethod):
         return {"lambda": self.text_share(reference_pixels, texts).tolist()}
 
 
-@register_method("dqu-cir-text-only")
-class DQUCIRTextOnly(DQUCIR):
-    """Ablation: λ = 1, the unified textual query alone."""
-
-    def __init__(self, backbone: Backbone, **config):
-        super().__init__(backbone, **{"lambda_mode": "text", **config})
-
-
-@register_method("dqu-cir-image-only")
-class DQUCIRImageOnly(DQUCIR):
-    """Ablation: λ = 0, the words-on-image query alone."""
-
-    def __init__(self, backbone: Backbone, **config):
-        super().__init__(backbone, **{"lambda_mode": "image", **config})
-
-
-@register_method("dqu-cir-fixed")
-class DQUCIRFixed(DQUCIR):
-    """Ablation: a fixed λ (0.5 unless `fixed_lambda` says otherwise)."""
-
-    def __init__(self, backbone: Backbone, **config):
-        super().__init__(backbone, **{"lambda_mode": "fixed", **config})
+register_variant(
+    "dqu-cir-text-only",
+    DQUCIR,
+    "Ablation: λ = 1, the unified textual query alone.",
+    lambda_mode="text",
+)
+register_variant(
+    "dqu-cir-image-only",
+    DQUCIR,
+    "Ablation: λ = 0, the words-on-image query alone.",
+    lambda_mode="image",
+)
+register_variant(
+    "dqu-cir-fixed",
+    DQUCIR,
+    "Ablation: a fixed λ (0.5 unless `fixed_lambda` says otherwise).",
+    lambda_mode="fixed",
+)
