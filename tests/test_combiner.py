@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from circe.methods import create_method, method_class
 from circe.methods.checkpoint import load_trained_method
+from circe.methods.plan import stores_backbone
 from circe.train.runlog import read_log
 from circe.train.trainer import Trainer
 
@@ -20,7 +21,7 @@ def combiner(tiny_backbone):
 def test_registered_as_a_trainable_frozen_backbone_method(tiny_backbone):
     assert method_class("combiner").trainable and method_class("combiner-ft").trainable
     combiner = create_method("combiner", tiny_backbone)
-    assert combiner.frozen_backbone and not combiner.trains_text_tower
+    assert combiner.inputs.trains == frozenset() and not stores_backbone(combiner)
 
 
 def test_only_the_fusion_is_trainable_and_the_backbone_stays_in_eval(combiner):
@@ -94,7 +95,7 @@ def tower(backbone, name: str) -> list[torch.Tensor]:
 def test_combiner_ft_trains_the_text_tower_of_its_own_backbone_copy(tiny_backbone):
     method = create_method("combiner-ft", tiny_backbone)
     assert method.config.finetune_text and method.config_dict()["finetune_text"]
-    assert method.trains_text_tower and not method.frozen_backbone  # saved in checkpoints
+    assert method.inputs.trains == {"text"} and stores_backbone(method)  # saved in checkpoints
     assert method.backbone is not tiny_backbone  # fine-tuning must not change a shared one
     assert all(p.requires_grad for p in method.backbone.tower_parameters("text"))
     assert not any(p.requires_grad for p in method.backbone.tower_parameters("image"))
@@ -130,7 +131,7 @@ def test_combiner_ft_fine_tunes_the_text_tower_into_its_checkpoint(
     assert result.results["feature_cache"]["used"]  # image features, at least
 
     reloaded = load_trained_method(result.run_dir / "best")
-    assert reloaded.name == "combiner-ft" and reloaded.trains_text_tower
+    assert reloaded.name == "combiner-ft" and reloaded.inputs.trains == {"text"}
     for trained, loaded in zip(
         tower(reloaded.backbone, "image"), tower(tiny_backbone, "image"), strict=True
     ):

@@ -11,8 +11,9 @@ from circe.data.keywords import KeywordFile, RuleKeywords
 from circe.data.render import BACKGROUND
 from circe.data.synthetic import SynthConfig, write_synthetic
 from circe.data.types import RawQuery
-from circe.methods import Batch, create_method, method_class
+from circe.methods import Batch, create_method, method_class, variant_of
 from circe.methods.dqu_cir import fitted_unified_text, unified_image, unified_text
+from circe.train.objective import ContrastiveObjective
 
 
 @pytest.fixture
@@ -26,9 +27,11 @@ def _query(text="make the circle red", caption="small blue circle center"):
     return RawQuery(image, text, reference_id="img-1", query_id="q-1", caption=caption)
 
 
-def test_registered_with_its_ablations():
+def test_registered_with_its_ablations(tiny_backbone):
     for name in ("dqu-cir", "dqu-cir-text-only", "dqu-cir-image-only", "dqu-cir-fixed"):
-        assert method_class(name).trainable and method_class(name).prepares_queries
+        assert method_class(name).trainable
+        assert create_method(name, tiny_backbone).inputs.prepares_queries
+        assert variant_of(name) == (None if name == "dqu-cir" else "dqu-cir")
 
 
 def test_unified_text_follows_the_papers_template(dqu):
@@ -135,7 +138,8 @@ def _grads(method, tiny_backbone):
     size = tiny_backbone.identity.image_size
     pixels = torch.randn(3, 3, size, size)
     texts = ["a, but make it red", "b, but remove the square", "c, but add a diamond"]
-    method.loss(Batch(pixels, texts, torch.randn_like(pixels)))["loss"].backward()
+    objective = ContrastiveObjective(method, temperature=0.07, learn_temperature=False)
+    objective(Batch(pixels, texts, torch.randn_like(pixels))).backward()
     backbone = method.backbone
     return {
         tower: any(
@@ -154,7 +158,8 @@ def test_gradients_reach_the_towers_that_are_fine_tuned(tiny_backbone):
     assert full.backbone is not tiny_backbone  # fine-tuning works on a copy
     assert not any(p.requires_grad for p in tiny_backbone.parameters())
     frozen = create_method("dqu-cir", tiny_backbone, finetune="none")
-    assert frozen.frozen_backbone and not any(p.requires_grad for p in frozen.backbone.parameters())
+    assert not frozen.inputs.trains
+    assert not any(p.requires_grad for p in frozen.backbone.parameters())
 
 
 def test_config_errors_are_clear(tiny_backbone):
@@ -193,7 +198,7 @@ def test_training_lowers_the_loss_and_the_checkpoint_reloads(tmp_path, tiny_weig
     assert losses[-1] < losses[0]
     assert result.results["feature_cache"]["entries"] == 2  # images + prepared query images
     method = load_trained_method(tmp_path / "run" / "best")
-    assert method.trains_text_tower and method.config.finetune == "text"
+    assert method.inputs.trains == {"text"} and method.config.finetune == "text"
 
 
 def test_a_long_caption_is_cut_never_the_modification(default_backbone):

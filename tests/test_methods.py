@@ -1,12 +1,20 @@
-"""Every registered method through the same contract (forward, shapes, norms, loss)."""
+"""Every registered method through the same contract: the two encoders, the raw-input pair
+the pipeline uses for a method that takes raw inputs, and the trainer's own path with pixel
+batches and with cached-feature batches, which must give the same loss."""
 
 import pytest
 import torch
 
-from circe.methods import Batch, create_method, list_methods, method_class
+from circe.data.batching import raw_query
+from circe.data.types import RawQuery
+from circe.methods import create_method, list_methods, method_class
+from circe.methods.plan import training_feed
+from circe.train.data import load_split, to_device
+from circe.train.trainer import Trainer
 
-# Methods over trained members (DAFM) take raw inputs, not pixels: tests/test_dafm.py.
-PIXEL_METHODS = [n for n in list_methods() if not method_class(n).encodes_raw_inputs]
+# Methods over trained members (DAFM) need those first: tests/test_dafm.py drives them.
+STANDALONE = [n for n in list_methods() if not method_class(n).requires]
+TRAINABLE = [n for n in STANDALONE if method_class(n).trainable]
 
 
 def test_the_baselines_are_registered():
@@ -18,21 +26,59 @@ def test_unknown_method_names_the_choices(tiny_backbone):
         create_method("summ", tiny_backbone)
 
 
-@pytest.mark.parametrize("name", PIXEL_METHODS)
-def test_contract(name, tiny_backbone):
-    method = create_method(name, tiny_backbone)
-    size = tiny_backbone.identity.image_size
-    pixels = torch.randn(3, 3, size, size)
-    texts = ["make the circle red", "remove the square", "add a small blue diamond"]
-    queries = method.encode_queries(pixels, texts)
-    targets = method.encode_targets(pixels)
+@pytest.mark.parametrize("name", STANDALONE)
+def test_contract(name, tiny_backbone, bench):
+    torch.manual_seed(0)
+    method = create_method(name, tiny_backbone).eval()
+    split = load_split("synthetic", bench, "val")
+    queries = [raw_query(q, split.gallery) for q in split.queries[:3]]
+    images = [query.image for query in queries]
+    with torch.no_grad():
+        targets = method.encode_target_images(images)
+        composed = method.encode_raw_queries(queries)
+        # The pixel encoders are the same functions, once the pipeline has preprocessed.
+        pixels = torch.stack([tiny_backbone.preprocess(image) for image in images])
+        torch.testing.assert_close(method.encode_targets(pixels), targets)
+        torch.testing.assert_close(method.encode_queries(*method.query_inputs(queries)), composed)
     # One space for both sides; its width is the method's (DWC joins two streams).
-    assert queries.shape[0] == targets.shape[0] == 3
-    assert queries.shape[1] == targets.shape[1] >= tiny_backbone.embed_dim
-    torch.testing.assert_close(queries.norm(dim=-1), torch.ones(3))
+    assert composed.shape[0] == targets.shape[0] == 3
+    assert composed.shape[1] == targets.shape[1] >= tiny_backbone.embed_dim
+    torch.testing.assert_close(composed.norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(targets.norm(dim=-1), torch.ones(3))
-    losses = method.loss(Batch(pixels, texts, pixels))
-    assert losses["loss"].ndim == 0 and torch.isfinite(losses["loss"])
+    # The text is part of the query for every method but the image-only baseline.
+    other_text = [
+        RawQuery(q.image, "remove everything", q.reference_id, q.query_id, q.caption)
+        for q in queries
+    ]
+    with torch.no_grad():
+        changed = not torch.allclose(method.encode_raw_queries(other_text), composed)
+    assert changed == (name != "image-only")
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_the_trainer_gets_one_loss_from_pixels_and_from_cached_features(
+    name, bench, tiny_train_config, tmp_path
+):
+    """The trainer's two feeds of one batch (decoded pixels; backbone outputs from the
+    feature cache) through the same objective, for every trainable method."""
+    losses, feeds = {}, {}
+    for cache in (False, True):
+        config = tiny_train_config(
+            bench, tmp_path / "cache", method=name, feature_cache=cache, eval_every=0
+        )
+        trainer = Trainer(config, tmp_path / f"run-{cache}", progress=False)
+        feeds[cache] = training_feed(trainer.method, cache).source
+        trainer.objective.eval()  # no dropout: the two feeds must see one function
+        batch = next(iter(trainer.source.batches([list(range(8))])))
+        with torch.no_grad():
+            losses[cache] = trainer.objective(to_device(batch, trainer.accelerator.device))
+    assert feeds[False] == "pixels" and torch.isfinite(losses[False])
+    if feeds[True] == "features":
+        # Token sequences are cached as float16: agreement to that precision.
+        torch.testing.assert_close(losses[True], losses[False], rtol=2e-3, atol=2e-3)
+    else:  # a method that trains its image tower is fed pixels either way
+        assert feeds[True] == "pixels"
+        torch.testing.assert_close(losses[True], losses[False])
 
 
 def test_baselines_use_what_they_say(tiny_backbone):

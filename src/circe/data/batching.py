@@ -45,7 +45,7 @@ def image_batches(
 
 class _Loaded(Dataset):
     """`load(key)` per key, unprocessed: decoded images or raw queries, for a method that
-    preprocesses its inputs itself (`CIRMethod.encodes_raw_inputs`)."""
+    preprocesses its inputs itself (a method that takes raw inputs, `MethodInputs`)."""
 
     def __init__(self, keys: Sequence, load: Callable):
         self.keys, self.load = list(keys), load

@@ -13,6 +13,7 @@ from circe.data.types import CIRSplit, Query
 from circe.eval.labels import Labels
 from circe.eval.metrics import recall_at_k, top_k
 from circe.methods.base import CIRMethod, FrozenBackboneMethod
+from circe.methods.plan import query_preparation, reuses_gallery_features, takes_raw_inputs
 from circe.progress import Progress, no_progress
 
 
@@ -37,7 +38,7 @@ def encode_gallery(
     method.eval()
     ids = split.gallery.ids
     total = -(-len(ids) // batch_size)
-    if method.encodes_raw_inputs:  # decoded images: the method preprocesses them itself
+    if takes_raw_inputs(method):  # decoded images: the method preprocesses them itself
         images = loaded_batches(ids, split.gallery.open, batch_size, workers)
         return torch.cat(
             [method.encode_target_images(b).cpu() for b in progress(images, total, "gallery")]
@@ -68,16 +69,20 @@ def encode_queries(
     """`[Q, D]` query embeddings in query order."""
     method.eval()
     total = -(-len(queries) // batch_size)
-    if method.encodes_raw_inputs:  # raw queries: the method prepares and preprocesses them
+    if takes_raw_inputs(method):  # raw queries: the method prepares and preprocesses them
         raw = loaded_batches(
             queries, partial(raw_query, gallery=split.gallery), batch_size, workers
         )
         return torch.cat(
             [method.encode_raw_queries(b).cpu() for b in progress(raw, total, "queries")]
         )
-    prepare = method.prepare_query if method.prepares_queries else None
     batches = query_batches(
-        queries, split.gallery, method.backbone.preprocess, batch_size, workers, prepare
+        queries,
+        split.gallery,
+        method.backbone.preprocess,
+        batch_size,
+        workers,
+        query_preparation(method),
     )
     device = method.backbone.device
     return torch.cat(
@@ -85,19 +90,6 @@ def encode_queries(
             method.encode_queries(pixels.to(device), texts).cpu()
             for pixels, texts in progress(batches, total, "queries")
         ]
-    )
-
-
-def _reuses_image_features(method: CIRMethod) -> bool:
-    """Whether the method's image tower is frozen and its queries take the reference image
-    as it is, so a gallery's backbone image features serve both sides for as long as the
-    method lives (its fusion may train; the features under it cannot change)."""
-    return (
-        isinstance(method, FrozenBackboneMethod)
-        and not method.trains_image_tower
-        and not method.prepares_queries
-        and not method.encodes_raw_inputs
-        and not getattr(method, "uses_tokens", False)
     )
 
 
@@ -112,7 +104,7 @@ def frozen_gallery_features(
     """`[N, D]` backbone image features of the split's gallery, computed once per method and
     gallery and then kept on the method (validation every epoch decodes no image again);
     None when the method cannot reuse them, or a query's reference is not in the gallery."""
-    if not _reuses_image_features(method):
+    if not reuses_gallery_features(method):
         return None
     known = split.gallery.paths
     if any(q.reference_id not in known for q in split.queries):

@@ -38,6 +38,7 @@ from circe.index.store import (
     write_json_atomic,
 )
 from circe.methods.base import CIRMethod
+from circe.methods.plan import takes_raw_inputs
 from circe.progress import Progress, no_progress
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -128,7 +129,7 @@ def _embed(
 ) -> tuple[dict[str, np.ndarray], list[Failure]]:
     """Embed `files`; every `shard_size` vectors (and whatever is done when the run stops,
     however it stops) are written to `pending` before anything else can go wrong."""
-    raw = method.encodes_raw_inputs  # decoded images: the method preprocesses them itself
+    raw = takes_raw_inputs(method)  # decoded images: the method preprocesses them itself
     loader = DataLoader(
         _Images(root, files, None if raw else method.backbone.preprocess),
         batch_size=batch_size,

@@ -11,9 +11,9 @@ from circe.methods import (  # noqa: F401  (registers them)
     zeroshot,
 )
 from circe.methods.base import (
-    Batch,
     CIRMethod,
     FrozenBackboneMethod,
+    MethodInputs,
     create_method,
     list_methods,
     method_class,
@@ -21,11 +21,13 @@ from circe.methods.base import (
     standalone_methods,
     variant_of,
 )
+from circe.methods.inputs import Batch
 
 __all__ = [
     "Batch",
     "CIRMethod",
     "FrozenBackboneMethod",
+    "MethodInputs",
     "RawQuery",
     "create_method",
     "list_methods",

@@ -6,7 +6,7 @@ import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import ClassVar, TypeVar
+from typing import ClassVar, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +15,42 @@ from torch import nn
 
 from circe.backbones.base import Backbone
 from circe.data.types import CIRSplit, RawQuery
-from circe.methods.inputs import Batch, FeaturePairs, Pairs, TokenFeatures
+from circe.methods.inputs import FeaturePairs, Pairs, TokenFeatures
 from circe.progress import Progress
+
+TOWERS = ("image", "text")
+
+
+@dataclass(frozen=True)
+class MethodInputs:
+    """What a method consumes and what it trains: its one declaration, which the trainer,
+    evaluation and the index read through `circe.methods.plan` (never each on its own).
+
+    `query`, what the query-side fusion takes:
+      - "pixels": the method runs its backbone on pixels itself; no feature path (a method
+        that trains its whole backbone, the zero-shot baselines);
+      - "pooled": pooled `[B, D]` backbone embeddings of each tower
+        (`FrozenBackboneMethod.encode_queries_from_features`);
+      - "tokens": `TokenFeatures` (pooled + token sequence + mask) of each tower; targets
+        stay pooled;
+      - "raw": decoded images and raw queries, which the method prepares and preprocesses
+        itself (DAFM hands each member its own), and from which it computes its own
+        training inputs (`CIRMethod.training_features`).
+    `trains`: the backbone towers the method fine-tunes ("image", "text"); a tower not named
+    is frozen, so its outputs are a pure function of the input and may be cached.
+    `prepares_queries`: `prepare_query` changes the (image, text) before the encoders (DQU-CIR
+    writes words on the image), so query-side caches key on the prepared inputs.
+    """
+
+    query: Literal["pixels", "pooled", "tokens", "raw"] = "pooled"
+    trains: frozenset[str] = frozenset()
+    prepares_queries: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = set(self.trains) - set(TOWERS)
+        if unknown:
+            raise ValueError(f"unknown towers {sorted(unknown)}: towers are {TOWERS}")
+        object.__setattr__(self, "trains", frozenset(self.trains))
 
 
 @dataclass(frozen=True)
@@ -55,9 +89,9 @@ class CIRMethod(nn.Module, ABC):
     # What must exist before this method can be created, for a user to read ("" = nothing):
     # DAFM fuses trained members, so it is not part of "every method" runs.
     requires: ClassVar[str] = ""
-    # True: the backbone is never trained, so its outputs are a pure function of the input
-    # and may be computed once and cached (see `FrozenBackboneMethod`, `circe.train.cache`).
-    frozen_backbone: ClassVar[bool] = False
+    # What the method consumes and trains (a property where it depends on the config). A
+    # plain method takes pixels and trains whatever of its backbone has gradients.
+    inputs: MethodInputs = MethodInputs(query="pixels", trains=frozenset(TOWERS))
 
     def __init__(self, backbone: Backbone):
         super().__init__()
@@ -76,9 +110,8 @@ class CIRMethod(nn.Module, ABC):
     # the (image, text) it returns: `encode_queries` then receives the pixels of that image
     # and that text. The default changes nothing, so a method that fuses features never
     # notices. A method that fuses raw data (DQU-CIR writes words onto the reference image
-    # and puts its caption into the text) overrides it, and sets `prepares_queries` so that
-    # caches key the query side on the prepared inputs (`prepare_fingerprint`).
-    prepares_queries: ClassVar[bool] = False
+    # and puts its caption into the text) overrides it, and declares `prepares_queries` in its
+    # `inputs` so that caches key the query side on the prepared inputs (`prepare_fingerprint`).
 
     def prepare_query(self, query: RawQuery) -> tuple[Image.Image, str]:
         """A raw query -> the (image, text) that `encode_queries` sees. Default: as given."""
@@ -98,10 +131,10 @@ class CIRMethod(nn.Module, ABC):
     # normally decodes images, preprocesses them with `backbone.preprocess` in DataLoader
     # workers and hands the encoders pixels. A method whose parts each need their own
     # preprocessing and query preparation (DAFM fuses trained methods on different
-    # backbones) cannot take one pixel tensor: it sets `encodes_raw_inputs`, and the pipeline
+    # backbones) cannot take one pixel tensor: it declares `query="raw"`, and the pipeline
     # hands it decoded images and raw queries instead. The defaults below do what the pixel
-    # path does, so any method can be driven this way (DAFM drives its members so).
-    encodes_raw_inputs: ClassVar[bool] = False
+    # path does, so every method keeps this raw-input pair of encoders (the contract test
+    # drives each method so; DAFM drives its members so).
 
     def query_inputs(self, queries: Sequence[RawQuery]) -> tuple[torch.Tensor, list[str]]:
         """Raw queries -> what `encode_queries` takes: pixels `[B, 3, H, W]` (of the images
@@ -136,11 +169,13 @@ class CIRMethod(nn.Module, ABC):
 
     def training_features(
         self, pairs: Pairs, batch_size: int, workers: int, progress: Progress
-    ) -> FeaturePairs | None:
+    ) -> FeaturePairs:
         """Training inputs that the method computes itself, once per run, in place of the
-        trainer's pixels or cached backbone features: a method built on other trained models
-        (DAFM) trains from their outputs. Default: None, the trainer's own choice."""
-        return None
+        trainer's pixels or cached backbone features: what a method that takes raw inputs
+        trains from (DAFM: its members' outputs). Others never need it."""
+        raise NotImplementedError(
+            f"{self.name} takes raw inputs, so it must compute its own training inputs"
+        )
 
     def config_dict(self) -> dict:
         """Keyword arguments that recreate this method with `create_method` (saved with
@@ -172,14 +207,6 @@ class CIRMethod(nn.Module, ABC):
         are (no update from momentum or weight decay either). Default: none."""
         return []
 
-    def loss(
-        self, batch: Batch, temperature: float = 0.07, state: TrainingState = TrainingState()
-    ) -> dict[str, torch.Tensor]:
-        """The training loss of a pixel batch: each query against every target in the batch."""
-        queries = self.encode_queries(batch.reference_pixels, batch.texts)
-        targets = self.encode_targets(batch.target_pixels)
-        return {"loss": self.embedding_loss(queries, targets, temperature, state)}
-
 
 class FrozenBackboneMethod(CIRMethod):
     """A method that trains only a fusion module on top of a frozen backbone.
@@ -188,28 +215,22 @@ class FrozenBackboneMethod(CIRMethod):
     and text entry points of the contract run the backbone and then the same functions, so
     training from cached features and inference share one code path. The trainer may
     compute `backbone_image_features` / `backbone_text_features` (and the `*_tokens` twins
-    for a method that `uses_tokens`) once per image and text, store them
+    for a method whose `inputs.query` is "tokens") once per image and text, store them
     (`circe.train.cache`) and call the `*_from_features` functions directly.
+
+    Such a method may still fine-tune towers, as its `inputs.trains` declares (set `config`
+    before calling this `__init__` where that depends on it): the text tower alone (DQU-CIR's
+    fast default; every image feature stays cacheable and the trainer hands the method the
+    texts of a feature batch to encode with gradients, `query_text_features`), or both
+    (DQU-CIR's paper setting; the trainer then feeds pixels, and `backbone_image_features`
+    must keep gradients).
     """
 
-    frozen_backbone = True
-    # A method may still fine-tune its text tower while the image tower stays frozen (DQU-CIR's
-    # fast default): every image feature remains cacheable, and the trainer hands the method
-    # the texts of a feature batch so that it encodes them with gradients (`query_text_features`).
-    trains_text_tower: bool = False
-    # And a method may offer to train its image tower too (DQU-CIR's paper setting): then no
-    # image feature is cacheable and the trainer feeds pixels (`backbone_image_features`
-    # must then keep gradients).
-    trains_image_tower: bool = False
-    # A method that fuses token sequences (cross-attention between words and image regions,
-    # FAR-Net) sets this: the query side then reaches `encode_queries_from_features` as
-    # `TokenFeatures` of each tower (pooled + tokens + mask) instead of pooled `[B, D]`
-    # tensors, and the feature cache stores the token sequences of the reference images and
-    # texts. Targets stay pooled.
-    uses_tokens: ClassVar[bool] = False
+    inputs = MethodInputs(query="pooled")
 
-    def __init__(self, backbone: Backbone, trained_towers: tuple[str, ...] = ()):
-        if trained_towers:
+    def __init__(self, backbone: Backbone):
+        towers = self.inputs.trains
+        if towers:
             # Fine-tuning changes the weights: work on a copy so that a backbone shared with
             # other methods (evaluation, tests) is left as it was.
             backbone = copy.deepcopy(backbone)
@@ -217,7 +238,7 @@ class FrozenBackboneMethod(CIRMethod):
         # Frozen: no gradients (and so no optimizer state) for the backbone. This flags the
         # backbone object itself, which is what frozen means when it is shared ...
         self.backbone.requires_grad_(False)
-        for tower in trained_towers:  # ... except for the towers the method fine-tunes
+        for tower in sorted(towers):  # ... except for the towers the method fine-tunes
             for parameter in backbone.tower_parameters(tower):
                 parameter.requires_grad_(True)
 
@@ -253,18 +274,19 @@ class FrozenBackboneMethod(CIRMethod):
 
     def query_image_features(self, pixels: torch.Tensor) -> torch.Tensor | TokenFeatures:
         """Reference pixels -> what `encode_queries_from_features` takes for the image:
-        pooled `[B, D]` features, or `TokenFeatures` for a method that `uses_tokens`."""
-        if self.uses_tokens:
+        pooled `[B, D]` features, or `TokenFeatures` for a method that takes tokens."""
+        if self.inputs.query == "tokens":
             return self.backbone_image_tokens(pixels)
         return self.backbone_image_features(pixels)
 
     def query_text_features(self, texts: list[str]) -> torch.Tensor | TokenFeatures:
         """B texts -> `[B, D]` text features for the query (`TokenFeatures` for a method that
-        `uses_tokens`), with gradients when the method trains its text tower
-        (`trains_text_tower`); otherwise the cached kind."""
-        if self.trains_text_tower:
-            return self.encode_text_tokens(texts) if self.uses_tokens else self.encode_texts(texts)
-        if self.uses_tokens:
+        takes tokens), with gradients when the method trains its text tower; otherwise the
+        cached kind."""
+        tokens = self.inputs.query == "tokens"
+        if "text" in self.inputs.trains:
+            return self.encode_text_tokens(texts) if tokens else self.encode_texts(texts)
+        if tokens:
             return self.backbone_text_tokens(texts)
         return self.backbone_text_features(texts)
 
@@ -285,7 +307,7 @@ class FrozenBackboneMethod(CIRMethod):
         self, image_features: torch.Tensor, text_features: torch.Tensor
     ) -> torch.Tensor:
         """`[B, D]` reference image features + `[B, D]` text features -> `[B, D]` unit vectors
-        (`TokenFeatures` of each instead, for a method that `uses_tokens`)."""
+        (`TokenFeatures` of each instead, for a method that takes tokens)."""
 
 
 class OptionalTextTuning:
@@ -294,12 +316,8 @@ class OptionalTextTuning:
     and its checkpoints then carry the backbone with the fusion that fits it."""
 
     @property
-    def trains_text_tower(self) -> bool:
-        return self.config.finetune_text
-
-    @property
-    def frozen_backbone(self) -> bool:
-        return not self.config.finetune_text
+    def inputs(self) -> MethodInputs:
+        return MethodInputs(query="pooled", trains={"text"} if self.config.finetune_text else ())
 
 
 _REGISTRY: dict[str, type[CIRMethod]] = {}

@@ -30,6 +30,7 @@ from circe.atomic import fsync_path
 from circe.backbones import load_backbone
 from circe.backbones.base import Backbone
 from circe.methods.base import CIRMethod, create_method
+from circe.methods.plan import stores_backbone
 
 FORMAT_VERSION = 1
 LINKS = ("last", "best")
@@ -134,7 +135,8 @@ def load_trained_method(
     }
     missing, unexpected = method.load_state_dict(method_weights, strict=False)
     # A frozen backbone is not in the file: it is the backbone loaded (and checked) above.
-    missing = [k for k in missing if not (method.frozen_backbone and k.startswith("backbone."))]
+    kept_apart = not stores_backbone(method)
+    missing = [k for k in missing if not (kept_apart and k.startswith("backbone."))]
     if missing or unexpected:
         raise ValueError(
             f"{checkpoint.path} does not fit method {info['method']!r}: missing {missing}, "

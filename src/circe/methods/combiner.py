@@ -58,8 +58,8 @@ class Combiner(OptionalTextTuning, FrozenBackboneMethod):
     """Frozen backbone + the Combiner fusion network (about 2.3M parameters at d = 128)."""
 
     def __init__(self, backbone: Backbone, **config):
-        self.config = c = CombinerConfig(**config)
-        super().__init__(backbone, ("text",) if c.finetune_text else ())
+        self.config = CombinerConfig(**config)
+        super().__init__(backbone)
         d = backbone.embed_dim
         wide = self.config.expansion * d  # width of t' and v'
         p = self.config.dropout

@@ -7,7 +7,7 @@ weights let a fused query drift away from its target. DAFM runs several trained 
 
 Members: trained circe methods loaded from their checkpoints, any mix, on any backbones.
 Each keeps its own embedding space, preprocessing and raw-query preparation (DQU-CIR writes
-words on the image), so DAFM takes raw inputs (`encodes_raw_inputs`) and hands every member
+words on the image), so DAFM takes raw inputs (`MethodInputs(query="raw")`) and hands every member
 its own. Members are frozen: no gradient ever reaches them.
 
 Fusion at the similarity level, per member space (q_m, g_m: member m's unit embeddings):
@@ -56,7 +56,7 @@ from circe.backbones import file_sha256
 from circe.backbones.base import Backbone
 from circe.data.batching import loaded_batches
 from circe.data.types import RawQuery
-from circe.methods.base import CIRMethod, TrainingState, register_method
+from circe.methods.base import CIRMethod, MethodInputs, TrainingState, register_method
 from circe.methods.checkpoint import load_checkpoint, load_trained_method
 from circe.methods.inputs import FeaturePairs, Pairs, QueryFeatures
 from circe.progress import Progress
@@ -167,10 +167,10 @@ class DAFM(CIRMethod):
     """Per-query weighted fusion of trained members' similarities (gate: ~(ΣD + 4M)·h)."""
 
     requires = "trained member runs (config `members`: RUN_DIR/best of each)"
-    encodes_raw_inputs = True
-    # DAFM's own backbone (the trainer's `backbone`) only identifies the run and places the
-    # members on its device: it is never trained nor stored, like a frozen backbone.
-    frozen_backbone = True
+    # Raw inputs, from which it computes its own training inputs (`training_features`). Its
+    # own backbone (the trainer's `backbone`) only identifies the run and places the members
+    # on their device: no tower trains, so it is not stored, like a frozen backbone.
+    inputs = MethodInputs(query="raw")
     # False: every member weighs 1/M (`dafm-equal`), no gate.
     adaptive = True
 

@@ -43,7 +43,12 @@ from circe.data.captions import CaptionFile
 from circe.data.keywords import keyword_extractor
 from circe.data.render import write_words
 from circe.data.types import RawQuery
-from circe.methods.base import FrozenBackboneMethod, register_method, register_variant
+from circe.methods.base import (
+    FrozenBackboneMethod,
+    MethodInputs,
+    register_method,
+    register_variant,
+)
 
 LAMBDA_MODES = ("learned", "fixed", "text", "image")
 FINETUNE_MODES = ("none", "text", "full")
@@ -118,11 +123,9 @@ def unified_image(image: Image.Image, keywords: str) -> Image.Image:
 class DQUCIR(FrozenBackboneMethod):
     """Dual query unification + adaptive linear fusion (λ head: about 2d² + d parameters)."""
 
-    prepares_queries = True
-
     def __init__(self, backbone: Backbone, **config):
         self.config = DQUCIRConfig(**config)
-        super().__init__(backbone, ("text", "image")[: FINETUNE_MODES.index(self.config.finetune)])
+        super().__init__(backbone)
         source = self.config.captions
         self.captions = None if source == "dataset" else CaptionFile(source)
         self.keywords = keyword_extractor(self.config.keywords)
@@ -143,19 +146,12 @@ class DQUCIR(FrozenBackboneMethod):
                 nn.Sigmoid(),
             )
 
-    # -- which parts train: read by the trainer (feature cache) and the checkpoints ----------
-
     @property
-    def frozen_backbone(self) -> bool:  # type: ignore[override]
-        return self.config.finetune == "none"
-
-    @property
-    def trains_text_tower(self) -> bool:  # type: ignore[override]
-        return self.config.finetune in ("text", "full")
-
-    @property
-    def trains_image_tower(self) -> bool:  # type: ignore[override]
-        return self.config.finetune == "full"
+    def inputs(self) -> MethodInputs:
+        """Pooled features of a prepared query; `finetune` none / text / full trains no tower,
+        the text tower, or both."""
+        towers = ("text", "image")[: FINETUNE_MODES.index(self.config.finetune)]
+        return MethodInputs(query="pooled", trains=towers, prepares_queries=True)
 
     # -- query unification (raw data, before the encoders) ----------------------------------
 
@@ -192,7 +188,7 @@ class DQUCIR(FrozenBackboneMethod):
     # -- encoders ------------------------------------------------------------------------------
 
     def backbone_image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.trains_image_tower:  # the paper's full fine-tuning: with gradients
+        if "image" in self.inputs.trains:  # the paper's full fine-tuning: with gradients
             return self.backbone.encode_image(pixels)
         return super().backbone_image_features(pixels)
 

@@ -136,7 +136,7 @@ class DWC(OptionalTextTuning, FrozenBackboneMethod):
 
     def __init__(self, backbone: Backbone, **config):
         self.config = c = DWCConfig(**config)
-        super().__init__(backbone, ("text",) if c.finetune_text else ())
+        super().__init__(backbone)
         d = backbone.embed_dim
         hidden = c.expansion * d
         # -- Editable Modality De-equalizer

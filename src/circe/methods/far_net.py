@@ -38,7 +38,7 @@ residual mix does). The ablations keep one stage: `far-net-esam-only` (q = norm(
 `far-net-arm-only` (q = norm(a)).
 
 Reading of the paper's open points (no public code): the backbone towers stay frozen (their
-token sequences are cached, `uses_tokens`); ESAM attends in both directions; the
+token sequences are cached, `MethodInputs(query="tokens")`); ESAM attends in both directions; the
 uncertainty embeddings are per-dimension Gaussians whose precisions weigh the streams,
 without sampling: under the contrastive loss alone sampled noise would only teach the
 variances to vanish, and their role here is the relative weight; the stages are combined
@@ -55,7 +55,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from circe.backbones.base import Backbone
-from circe.methods.base import FrozenBackboneMethod, register_method, register_variant
+from circe.methods.base import (
+    FrozenBackboneMethod,
+    MethodInputs,
+    register_method,
+    register_variant,
+)
 from circe.methods.inputs import TokenFeatures
 
 
@@ -229,7 +234,7 @@ class FARNet(FrozenBackboneMethod):
     """ESAM (late fusion, cross-attention) + ARM (early fusion, uncertainty), on a frozen
     backbone's token sequences (about 0.52M parameters at d = 128 on circe-tiny)."""
 
-    uses_tokens = True
+    inputs = MethodInputs(query="tokens")
 
     def __init__(self, backbone: Backbone, **config):
         super().__init__(backbone)

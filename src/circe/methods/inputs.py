@@ -28,7 +28,7 @@ class Batch:
 
 @dataclass
 class TokenFeatures:
-    """A frozen tower's outputs for a method that fuses token sequences (`uses_tokens`)."""
+    """A frozen tower's outputs for a method that fuses token sequences (its `inputs.query` is "tokens")."""
 
     pooled: torch.Tensor  # [B, D], the pooled, projected embedding (not normalised)
     tokens: torch.Tensor  # [B, L, W], the tower's last hidden states
@@ -122,7 +122,7 @@ class FeatureBatch:
     """Cached frozen-backbone features of a batch of triplets.
 
     `text_features` is None when the method trains its text tower: it then encodes `texts`.
-    For a method that `uses_tokens` the query side is `TokenFeatures` (float32, read from the
+    For a method that takes tokens the query side is `TokenFeatures` (float32, read from the
     memory-mapped token cache for this batch only).
     """
 
@@ -137,7 +137,7 @@ class QueryFeatures:
     """The query side of the pairs as the method sees it, when that is not the pooled
     features of `Pairs.images` and `Pairs.texts`: after a method's raw-data stage
     (`prepare_query`; one row of features per pair), or the token sequences of a method that
-    `uses_tokens` (one row per reference image, rows `reference`)."""
+    takes tokens (one row per reference image, rows `reference`)."""
 
     reference_features: torch.Tensor | TokenRows  # [R, D] (or R token sequences)
     texts: list[str]  # unique (prepared) texts

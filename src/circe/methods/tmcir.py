@@ -56,6 +56,7 @@ from circe.backbones.base import Backbone
 from circe.data.types import CIRSplit
 from circe.methods.base import (
     FrozenBackboneMethod,
+    MethodInputs,
     method_class,
     register_method,
     register_variant,
@@ -196,7 +197,7 @@ class TMCIR(FrozenBackboneMethod):
 
     def __init__(self, backbone: Backbone, **config):
         self.config = c = TMCIRConfig(**config)
-        super().__init__(backbone, ("text",) if c.stage == 1 or c.finetune_text else ())
+        super().__init__(backbone)
         if c.init_from:
             self._start_from_stage1(c.init_from)
         self.fusion = None
@@ -233,19 +234,13 @@ class TMCIR(FrozenBackboneMethod):
         # the method from it must not read stage 1 again (`initialised_from` names it).
         return {**asdict(self.config), "init_from": None}
 
-    # -- which parts train: read by the trainer (feature cache) and the checkpoints ----------
-
     @property
-    def uses_tokens(self) -> bool:  # type: ignore[override]
-        return self.config.stage == 2
-
-    @property
-    def trains_text_tower(self) -> bool:  # type: ignore[override]
-        return self.config.stage == 1 or self.config.finetune_text
-
-    @property
-    def frozen_backbone(self) -> bool:  # type: ignore[override]
-        return not self.trains_text_tower
+    def inputs(self) -> MethodInputs:
+        """Stage 1 aligns pooled features and trains the text tower; stage 2 fuses token
+        sequences, with the text tower trained when `finetune_text` says so."""
+        c = self.config
+        trains = {"text"} if c.stage == 1 or c.finetune_text else ()
+        return MethodInputs(query="tokens" if c.stage == 2 else "pooled", trains=trains)
 
     def training_split(self, split: CIRSplit) -> CIRSplit:
         """Stage 1 trains on the pseudo-targets: every target swapped for its query's."""

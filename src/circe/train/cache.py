@@ -8,7 +8,7 @@ sequences), and the items themselves (image ids + file path, size and mtime; or 
 so any change to any of them is a miss rather than a stale hit. Entries are written to a
 temporary directory and renamed into place, so a reader never sees a half-written entry.
 
-Token entries (methods that fuse token sequences, `uses_tokens`) are much larger (a ViT-B/16
+Token entries (methods that fuse token sequences, `MethodInputs(query="tokens")`) are much larger (a ViT-B/16
 image is 197 x 768 numbers instead of 512), so they are kept as plain `.npy` files that are
 memory-mapped rather than loaded: `tokens.npy` `[N, L, W]` float16 (written batch by batch,
 and cut after the last position any item uses: text padding is not stored), `mask.npy`

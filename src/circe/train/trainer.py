@@ -24,11 +24,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from circe.backbones import load_backbone
 from circe.eval.evaluate import evaluate
-from circe.methods import CIRMethod, FrozenBackboneMethod, create_method, list_methods, method_class
+from circe.methods import CIRMethod, create_method, list_methods, method_class
 from circe.methods.base import TrainingState
 from circe.methods.checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT
 from circe.methods.checkpoint import load_checkpoint, save_checkpoint
 from circe.methods.inputs import FeaturePairs, Pairs, QueryFeatures
+from circe.methods.plan import query_preparation, stores_backbone, training_feed
 from circe.progress import track
 from circe.threads import set_torch_threads
 from circe.train.cache import (
@@ -203,24 +204,17 @@ class Trainer:
     def _source(self) -> FeaturePairs | PixelPairs:
         method = self.method
         progress = track if self.show_progress else _no_progress
-        own = method.training_features(
-            self.pairs, self.config.eval_batch_size, self.config.workers, progress
-        )
-        if own is not None:  # a method over trained models (DAFM) trains from their outputs
-            return own
-        prepare = method.prepare_query if method.prepares_queries else None
-        cacheable = isinstance(method, FrozenBackboneMethod) and not method.trains_image_tower
-        if not (self.config.feature_cache and cacheable):
-            return PixelPairs(self.pairs, method.backbone.preprocess, prepare)
+        feed = training_feed(method, self.config.feature_cache)
+        if feed.source == "method":  # a method over trained models (DAFM): their outputs
+            return method.training_features(
+                self.pairs, self.config.eval_batch_size, self.config.workers, progress
+            )
+        if feed.source == "pixels":
+            return PixelPairs(self.pairs, method.backbone.preprocess, query_preparation(method))
         started = time.time()
         cache = FeatureCache(self.config.cache_dir)
         gallery, batch = self.train_split.gallery, self.config.eval_batch_size
         hits, entries, disk = 0, 0, 0
-        if prepare is not None and method.uses_tokens:
-            raise NotImplementedError(
-                f"{method.name}: the feature cache holds no token sequences of prepared "
-                "queries; train this method with feature_cache: false"
-            )
 
         def cached(what: str, items: list, compute, tokens: bool = False):
             """The entry's features (`TokenStore` for `tokens`), computed if missing."""
@@ -249,7 +243,7 @@ class Trainer:
             ),
         )
         queries, texts = None, self.pairs.texts
-        if prepare is not None:
+        if feed.references == "prepared":
             # The method's raw-data stage makes the query side (DQU-CIR: words on the image,
             # caption in the text), deterministic, so its image features are cached per pair.
             # The prepared texts are remade each run (cheap; one more pass over the pairs).
@@ -274,7 +268,7 @@ class Trainer:
             index = [rows.setdefault(t, len(rows)) for t in prepared["texts"]]
             texts = list(rows)
             queries = QueryFeatures(references, texts, torch.tensor(index, dtype=torch.int64))
-        elif method.uses_tokens:
+        elif feed.references == "tokens":
             # The query side fuses the reference images' patch tokens: only those images'
             # sequences are cached (targets stay pooled), about a quarter of the synthetic
             # benchmark's training images.
@@ -290,15 +284,15 @@ class Trainer:
             )
             reference = torch.searchsorted(reference_rows, self.pairs.reference.contiguous())
             queries = QueryFeatures(references, texts, self.pairs.text, reference)
-        text_features = None
-        if method.uses_tokens and not method.trains_text_tower:
+        text_features = None  # "encoded": the method encodes the batch's texts itself
+        if feed.texts == "tokens":
             text_features = cached(
                 "text:tokens",
                 texts,
                 lambda: text_token_batches(method, texts, batch, progress),
                 tokens=True,
             )
-        elif not method.trains_text_tower:
+        elif feed.texts == "pooled":
             text_features = cached(
                 "text:pooled", texts, lambda: compute_text_features(method, texts, batch, progress)
             )
@@ -317,7 +311,7 @@ class Trainer:
     def _trained_weights(self) -> dict[str, torch.Tensor]:
         """The objective's state without a frozen backbone (it is identified, not stored)."""
         state = self.accelerator.unwrap_model(self.model).state_dict()
-        if self.method.frozen_backbone:
+        if not stores_backbone(self.method):
             state = {k: v for k, v in state.items() if not k.startswith("method.backbone.")}
         return state
 
