@@ -21,6 +21,9 @@ from circe.train.trainer import Trainer, train
 REAL, WORDS, RANDOM = 0, 1, 2  # the members, in order: combiner, dqu-cir, random combiner
 
 
+# Every test here stands on members trained by the module's fixtures.
+pytestmark = pytest.mark.slow
+
 @pytest.fixture(scope="module")
 def config(bench, tiny_train_config, tmp_path_factory):
     return tiny_train_config(

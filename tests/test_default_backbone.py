@@ -43,6 +43,7 @@ def test_captions_retrieve_their_images(default_backbone):
     assert hits > 100 * chance  # measured 0.79 over these 202 images, chance 0.005
 
 
+@pytest.mark.slow
 def test_sum_uses_the_text_where_it_names_the_target(zero_shot):
     image_only, text_only, feature_sum = (zero_shot[n] for n in ("image-only", "text-only", "sum"))
     # "add a small red circle ..." and "paint the ... green" name what the target shows.

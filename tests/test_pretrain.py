@@ -20,6 +20,7 @@ QUICK = {
 }
 
 
+@pytest.mark.slow
 def test_short_pretraining_learns_and_writes_loadable_weights(tmp_path):
     out = tmp_path / "tiny.safetensors"
     report = pretrain(out, PretrainConfig(steps=80, **QUICK))
@@ -37,6 +38,7 @@ def test_short_pretraining_learns_and_writes_loadable_weights(tmp_path):
     assert embedding.shape == (1, backbone.embed_dim)
 
 
+@pytest.mark.slow
 def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path):
     config = PretrainConfig(steps=12, save_every=4, **QUICK)
     pretrain(tmp_path / "straight.safetensors", config)

@@ -192,6 +192,7 @@ def tiny_pipeline(tmp_path_factory):
     return folder / "model"
 
 
+@pytest.mark.slow
 def test_diffusers_pipeline_end_to_end_and_resume(bench, tiny_pipeline, tmp_path, monkeypatch):
     from circe.pseudo_targets.diffusion import DiffusionEditor
 

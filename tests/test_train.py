@@ -78,7 +78,9 @@ def test_trained_continues_an_interrupted_run_then_reuses_it(config, tmp_path, m
     assert trained(config.replace(max_steps=3), run, progress=False) is None  # interrupted
     assert not (run / "results.json").exists()
     results = trained(config, run, progress=False)  # goes on from `last`
-    assert results["global_step"] == 2 * (96 // 16) and results["test"]["test"]["R@1"] >= 0
+    assert results["global_step"] == 2 * (96 // 16)
+    # ... to where an uninterrupted run ends (its test figures are the same to the digit).
+    assert results["test"] == trained(config, tmp_path / "straight", progress=False)["test"]
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run must be reused, not trained again")
@@ -306,7 +308,10 @@ def test_bench_quality_and_cache_speed_write_their_tables(config, tmp_path):
     speed = cache_speed(config, out)
     runs = speed["runs"]
     assert runs["no cache"]["cache_hits"] == 0 and runs["cache, warm"]["cache_hits"] == 2
-    assert speed["speedup_epoch"] > 1
+    # The speed-up is the ratio of the epochs it timed (how fast they ran is for the bench to
+    # report, not for a test on a shared machine to assert).
+    warm, uncached = runs["cache, warm"]["epoch_seconds"], runs["no cache"]["epoch_seconds"]
+    assert speed["speedup_epoch"] == pytest.approx(uncached / warm)
     assert "Cached epoch speed-up" in (out / "cache_speed.md").read_text()
 
 
@@ -322,13 +327,18 @@ def test_bench_label_noise_writes_its_table_and_curve(config, tmp_path):
     )
     assert set(record["methods"]) == {"dwc-frozen-text", "combiner"}
     assert set(record["methods"]["combiner"]) == {"0.0", "0.5"}
-    assert 0 <= record["methods"]["combiner"]["0.5"]["R@1"]["mean"] <= 100
+    noise_free, noisy = record["methods"]["combiner"]["0.0"], record["methods"]["combiner"]["0.5"]
+    # The noise-free point is the plain run of that config; half the texts swapped is not.
+    plain = trained(base.replace(method="combiner", seed=0), tmp_path / "plain", progress=False)
+    assert {m: v["mean"] for m, v in noise_free.items()} == plain["test"]["test"]
+    assert noisy != noise_free
     table = (out / "label_noise.md").read_text()
     assert "| `dwc-frozen-text` |" in table and "noise 50%" in table
     with Image.open(out / "label_noise.png") as plot:
         assert plot.width > 300 and plot.height > 200
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_follow_the_one_process_trajectory(config, tmp_path):
     """`torchrun --nproc_per_node 2 -m circe.cli train` (gloo DDP): each process takes half of
     every global batch, the loss sees the gathered batch, so the steps are the same."""
