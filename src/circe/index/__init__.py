@@ -23,7 +23,7 @@ _EXPORTS = {
     "Failure": "circe.index.files",
     "ImageFile": "circe.index.files",
     "image_id": "circe.index.files",
-    "scan_images": "circe.index.files",
+    "scan_gallery": "circe.index.files",
     "PgVectorEngine": "circe.index.pgvector",
     "PgVectorError": "circe.index.pgvector",
     "build_pgvector_engine": "circe.index.pgvector",

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from circe.data.types import load_rgb
 from circe.index.engine import EngineOptions, build_engine
-from circe.index.files import Failure, ImageFile, scan_images
+from circe.index.files import Failure, ImageFile, scan_gallery
 from circe.index.identity import MethodIdentity, MethodSource, identity_of
 from circe.index.pending import PendingRun
 from circe.index.pgvector import KINDS as PGVECTOR_KINDS
@@ -195,7 +195,7 @@ def build_index(
     space = check_space_name(space or identity.method)
     report = IndexReport(index=str(index_dir), space=space)
     with index_lock(index_dir):
-        files, report.failed = scan_images(root)
+        files, report.failed = scan_gallery(root)
         committed = _committed(index_dir, space, identity, root)
         previous = {} if committed is None else committed.vectors_by_path()
         pending = PendingRun(index_dir / space, identity)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-# What Pillow decodes out of the box (gif: the first frame is indexed).
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+from circe.data.loading import scan_images
 
 
 @dataclass(frozen=True, order=True)
@@ -49,29 +47,18 @@ class Failure:
     error: str
 
 
-def scan_images(root: Path) -> tuple[list[ImageFile], list[Failure]]:
-    """Every image file under `root`, recursively, sorted by path; and the image-named
-    entries that cannot even be stat'ed (a broken link), for the report.
-
-    Hidden entries (a leading dot, e.g. the default `.circe-index` folder) are skipped, and
-    so are symbolic links to directories (they can loop). Image files are recognised by
-    suffix, case-insensitively; whether they decode is found out when they are embedded.
-    """
+def scan_gallery(root: Path) -> tuple[list[ImageFile], list[Failure]]:
+    """Every image file under `root`, recursively (`circe.data.loading.image_paths`: hidden
+    entries and links to directories skipped), sorted by path; and the image-named entries
+    that cannot even be stat'ed (a broken link), for the report."""
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
     found, failed = [], []
-    for directory, subdirs, names in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        for name in names:
-            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            full = Path(directory) / name
-            relative = full.relative_to(root).as_posix()
-            try:
-                stat = full.stat()
-            except OSError as error:
-                failed.append(Failure(relative, f"cannot stat: {error.strerror or error}"))
-                continue
-            found.append(ImageFile(relative, stat.st_size, stat.st_mtime_ns))
+    for full in scan_images(root, recursive=True):
+        relative = full.relative_to(root).as_posix()
+        try:
+            stat = full.stat()
+        except OSError as error:
+            failed.append(Failure(relative, f"cannot stat: {error.strerror or error}"))
+            continue
+        found.append(ImageFile(relative, stat.st_size, stat.st_mtime_ns))
     return sorted(found), sorted(failed, key=lambda f: f.path)
