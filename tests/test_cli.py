@@ -1,13 +1,16 @@
 """The `circe` command line, run in-process as a user would type it."""
 
 import json
+import re
 
 import torch
 from benchmark_fixtures import write_folder
 from PIL import Image
 from typer.testing import CliRunner
 
+import circe.bench
 from circe.cli import app
+from circe.methods import list_methods, method_class, standalone_methods, variant_of
 
 runner = CliRunner()
 
@@ -110,6 +113,10 @@ def test_user_errors_are_one_clear_line(tmp_path, tiny_weights):
     assert result.exit_code == 2 and "nope.safetensors" in result.output
     result = run("eval", "--method", "sum", "--root", tmp_path / "empty")
     assert result.exit_code == 2 and "circe synth" in result.output
+    result = run("eval", "--root", root)
+    assert result.exit_code == 2 and "name a --method" in result.output
+    result = run("eval", "--method", "sum", "--method", "image-only", "--submission", tmp_path)
+    assert result.exit_code == 2 and "one method's rankings" in result.output
     result = run("synth", "--out", root, "--seed", 1)
     assert result.exit_code == 2 and "other settings" in result.output
 
@@ -122,6 +129,20 @@ def test_demo_prints_rankings_and_draws_pictures(tmp_path):
     assert len(pictures) == 3
     with Image.open(pictures[0]) as picture:
         assert picture.width > 6 * 128
+
+
+def test_show_query_saves_a_query_as_the_encoders_see_it(bench, tiny_weights, tmp_path):
+    arch, weights = tiny_weights
+    backbone = ("--backbone", f"open_clip:{arch}", "--weights", weights)
+    out = tmp_path / "query.png"
+    result = run("show-query", "--out", out, "--root", bench, "--scale", 2, *backbone)
+    assert result.exit_code == 0, result.output
+    assert "unified text:" in result.output and "lambda:" in result.output
+    reference = next((bench / "images").glob("*.png"))
+    with Image.open(out) as picture, Image.open(reference) as original:
+        assert picture.size == (2 * original.width, 2 * original.height)
+    result = run("show-query", "--method", "sum", "--out", out, "--root", bench, *backbone)
+    assert result.exit_code == 2 and "nothing to show" in result.output
 
 
 def test_bench_quality_takes_its_settings_from_config_and_flags(bench, tiny_weights, tmp_path):
@@ -158,3 +179,59 @@ def test_bench_quality_takes_its_settings_from_config_and_flags(bench, tiny_weig
     plan.write_text("method: [sum]\n")
     result = run(*common, "--plan", plan, "--out", tmp_path / "bad")
     assert result.exit_code != 0 and "a bench plan holds" in result.output
+
+
+def test_methods_lists_each_method_with_its_variants_under_it():
+    result = run("methods")
+    assert result.exit_code == 0, result.output
+    # Names start a row: a method at the margin, a variant indented by two; wrapped
+    # descriptions continue further in.
+    listed = re.findall(r"^( {2})?(\S+)", result.output, re.MULTILINE)
+    expected = []
+    for method in list_methods(variants=False):
+        expected.append(("", method))
+        expected += [("  ", name) for name in list_methods() if variant_of(name) == method]
+    assert listed == expected and ("  ", "dqu-cir-fixed") in listed
+    text = " ".join(result.output.split())  # undo rich's line wrapping
+    # The summary paragraph of the docstring, whole; what a method needs, said once (its
+    # variant dafm-equal needs the same).
+    assert "on a frozen backbone's token sequences" in text
+    assert text.count(f"needs first: {method_class('dafm').requires}") == 1
+
+
+def test_bench_quality_trains_every_standalone_method_by_default(
+    bench, tiny_weights, tmp_path, monkeypatch
+):
+    """No --method and no --plan: every method of `standalone_methods()`, not the variants
+    and not DAFM, which needs trained members first. Training is faked (only the names
+    matter here); the zero-shot methods are evaluated for real."""
+    trained = []
+
+    def fake_runs(config, seeds, progress, runs_dir=None):
+        trained.append(config.method)
+        recall = {f"R@{k}": 0.0 for k in circe.bench.KS}
+        splits = circe.bench.REPORT_SPLITS
+        return [
+            {
+                "test": dict.fromkeys(splits, recall),
+                "test_per_kind": {split: {} for split in splits},
+                "train_seconds": 0.0,
+                "wall_seconds": 0.0,
+                "best_epoch": 0,
+                "parameters": {"trainable": 1, "total": 1},
+            }
+        ]
+
+    monkeypatch.setattr(circe.bench, "_trained_runs", fake_runs)
+    arch, weights = tiny_weights
+    out = tmp_path / "results"
+    result = run(
+        "bench", "quality", "--root", bench, "--seeds", 1, "--backbone", f"open_clip:{arch}",
+        "--weights", weights, "--out", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    methods = list(json.loads((out / "quality.json").read_text())["methods"])
+    assert methods == standalone_methods()
+    assert {"dafm", "dafm-equal", "combiner-ft"}.isdisjoint(methods)
+    assert not any(variant_of(name) for name in methods)
+    assert trained == [name for name in methods if method_class(name).trainable]

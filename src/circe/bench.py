@@ -78,9 +78,9 @@ def quality(
     overall and per edit kind (query tag). Writes `quality.json` and `quality.md` in
     `out_dir`; returns the record."""
     from circe.backbones import load_backbone
-    from circe.methods import create_method, list_methods, method_class
+    from circe.methods import create_method, method_class, standalone_methods
 
-    names = list(methods or list_methods())
+    names = list(methods or standalone_methods())
     record: dict[str, Any] = {
         "command": command,
         "dataset": base.dataset,

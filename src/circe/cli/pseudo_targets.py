@@ -1,7 +1,5 @@
-"""`circe pseudo-targets`: the command body (registered in `circe.cli`).
-
-`circe.cli` imports this module, so everything heavy is imported inside the function.
-"""
+"""`circe pseudo-targets`: TMCIR's pseudo-target images for a split's queries
+(`circe.pseudo_targets`)."""
 
 from __future__ import annotations
 
@@ -10,6 +8,9 @@ from typing import Annotated
 
 import typer
 
+from circe.cli.common import DEFAULT_SYNTHETIC_ROOT, RootOption, console, ensure_synthetic, fail
+from circe.progress import track
+
 
 def pseudo_targets_command(
     dataset: Annotated[str, typer.Option(help="Data set (e.g. synthetic, fashioniq, cirr).")],
@@ -17,7 +18,7 @@ def pseudo_targets_command(
         str, typer.Option(help="scene-editor (synthetic only) | diffusers | directory")
     ],
     out: Annotated[Path, typer.Option(help="Directory for the images and the manifest.")],
-    root: Annotated[Path, typer.Option(help="Data set directory.")] = Path("data/synthetic"),
+    root: RootOption = DEFAULT_SYNTHETIC_ROOT,
     split: Annotated[str, typer.Option(help="Split whose queries get pseudo-targets.")] = "train",
     protocol: Annotated[
         str | None, typer.Option(help="The data set's protocol preset (default: its own).")
@@ -49,9 +50,7 @@ def pseudo_targets_command(
 ) -> None:
     """Make a pseudo-target image for every query of a split (resumable: run it again to
     finish an interrupted run); writes DIR/images, DIR/manifest.jsonl, DIR/pseudo-targets.json."""
-    from circe.cli import _ensure_synthetic, _fail, console
     from circe.data.registry import load_split
-    from circe.progress import track
     from circe.pseudo_targets.generate import create_generator, generate_pseudo_targets
     from circe.threads import set_torch_threads
 
@@ -69,12 +68,12 @@ def pseudo_targets_command(
         "source": source,
     }
     try:
-        _ensure_synthetic(dataset, root)
+        ensure_synthetic(dataset, root)
         data = load_split(dataset, root, split, protocol)
         editor = create_generator(generator, dataset, root, **options)
         report = generate_pseudo_targets(data, editor, out, dataset, limit, track)
     except (OSError, ImportError, ValueError) as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     console.print(
         f"{report.made} pseudo-targets made, {report.kept} already there, of {report.queries} "
         f"queries; manifest: {out / 'manifest.jsonl'}"

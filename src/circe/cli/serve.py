@@ -1,16 +1,17 @@
-"""`circe serve`: the command body (registered in `circe.cli`)."""
+"""`circe serve`: the HTTP API and the search page (`circe.serve`) over an index."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from circe.cli.common import IndexOption, PgvectorOption, SpaceOption, console, fail
+
 
 def serve_command(
-    index: Annotated[Path, typer.Option(help="Index directory made by `circe index`.")],
-    space: Annotated[str | None, typer.Option(help="Embedding space (if several).")] = None,
+    index: IndexOption,
+    space: SpaceOption = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: int = 8000,
     batch_max: Annotated[
@@ -19,25 +20,17 @@ def serve_command(
     batch_window_ms: Annotated[
         float, typer.Option(help="How long a query waits for others to batch with.")
     ] = 2.0,
-    pgvector: Annotated[
-        str | None,
-        typer.Option(
-            help="PostgreSQL connection string, for a space indexed with --pgvector.",
-            envvar="CIRCE_PGVECTOR_DSN",
-        ),
-    ] = None,
+    pgvector: PgvectorOption = None,
 ) -> None:
     """Serve the HTTP API (/search, /images, /thumbnails, /healthz, /docs) and the search
     web page (/) over an index."""
-    from circe.cli import _fail, console
-
     try:
         import uvicorn
 
         from circe.serve.app import create_app
         from circe.serve.batching import BatchOptions
     except ImportError as error:
-        raise _fail(
+        raise fail(
             f"circe serve needs the serve extra ({error.name} is missing): "
             "pip install 'circe[serve]'"
         ) from None
@@ -47,7 +40,7 @@ def serve_command(
         batching = BatchOptions(batch_max, batch_window_ms)
         searcher = IndexSearcher(index, space, pgvector=pgvector)  # the model loads once, here
     except (OSError, ValueError) as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     console.print(
         f"serving {len(searcher)} images ({searcher.space.identity.describe()}) at "
         f"http://{host}:{port}/  (API docs: /docs)"

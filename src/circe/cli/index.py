@@ -1,40 +1,51 @@
-"""`circe index` and `circe search`: the command bodies (registered in `circe.cli`).
-
-`circe.cli` imports this module, so the CLI helpers are imported inside the functions.
-"""
+"""`circe index` and `circe search`: a folder of images indexed with a method
+(`circe.index.build`), and searched (`circe.index.search`)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.table import Table
+
+from circe.cli.common import (
+    BackboneOption,
+    IndexOption,
+    PgvectorOption,
+    SpaceOption,
+    console,
+    fail,
+    load_method,
+    load_trained,
+)
+from circe.progress import track
+
+if TYPE_CHECKING:
+    from circe.index.identity import MethodSource
+    from circe.methods import CIRMethod
 
 DEFAULT_INDEX_NAME = ".circe-index"  # inside the image folder; hidden, so never scanned
 
 _METHOD_HELP = "Method name (see `circe methods`), e.g. sum."
 _CHECKPOINT_HELP = "A trained method: RUN_DIR/best of `circe train`."
-_BACKBONE_HELP = "default | open_clip:ARCH (with --weights FILE) | hf:MODEL_DIR"
-_PGVECTOR_DSN = "CIRCE_PGVECTOR_DSN"
-_PGVECTOR_SEARCH_HELP = "PostgreSQL connection string, for a space indexed with --pgvector."
 # Every error a user can cause here (bad path, bad index, wrong method, empty text) is one.
 _USER_ERRORS = (OSError, ValueError)
 
 
 def _method_and_source(
     method: str | None, checkpoint: Path | None, backbone: str, weights: Path | None
-):
+) -> tuple[CIRMethod, MethodSource]:
     """Load the method the flags name -> (method, `MethodSource` to record)."""
-    from circe.cli import _fail, _load_checkpoint, _load_method
     from circe.index.identity import MethodSource
 
     if checkpoint is not None:
-        return _load_checkpoint(checkpoint), MethodSource(checkpoint=str(checkpoint))
+        return load_trained(checkpoint), MethodSource(checkpoint=str(checkpoint))
     if method is None:
-        raise _fail("name a --method (e.g. sum) or a trained --checkpoint RUN_DIR/best")
+        raise fail("name a --method (e.g. sum) or a trained --checkpoint RUN_DIR/best")
     source = MethodSource(method, backbone, None if weights is None else str(weights))
-    return _load_method(method, backbone, weights), source
+    return load_method(method, backbone, weights), source
 
 
 def index_command(
@@ -47,7 +58,7 @@ def index_command(
     space: Annotated[
         str | None, typer.Option(help="Embedding space name (default: the method's name).")
     ] = None,
-    backbone: Annotated[str, typer.Option(help=_BACKBONE_HELP)] = "default",
+    backbone: BackboneOption = "default",
     weights: Annotated[Path | None, typer.Option(help="Local backbone weights file.")] = None,
     batch_size: int = 64,
     workers: Annotated[int, typer.Option(help="Image decoding worker processes.")] = 0,
@@ -68,12 +79,8 @@ def index_command(
 ) -> None:
     """Embed every image under PATH into an index (only new or changed images on re-runs;
     an interrupted run resumes)."""
-    from rich.table import Table
-
-    from circe.cli import _fail, console
     from circe.index.build import build_index
     from circe.index.engine import EngineOptions
-    from circe.progress import track
 
     model, source = _method_and_source(method, checkpoint, backbone, weights)
     index_dir = out or path / DEFAULT_INDEX_NAME
@@ -92,7 +99,7 @@ def index_command(
             pgvector=pgvector,
         )
     except _USER_ERRORS as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     except KeyboardInterrupt:
         console.print(
             "[yellow]interrupted:[/] the last committed index is unchanged and the images "
@@ -122,29 +129,24 @@ def index_command(
 
 
 def search_command(
-    index: Annotated[Path, typer.Option(help="Index directory made by `circe index`.")],
+    index: IndexOption,
     image: Annotated[
         str, typer.Option(help="Reference: an image file, or a gallery image's id or path.")
     ],
     text: Annotated[str, typer.Option(help="How the wanted image differs from the reference.")],
     k: Annotated[int, typer.Option("-k", "--k", help="How many results.")] = 10,
-    space: Annotated[str | None, typer.Option(help="Embedding space (if several).")] = None,
+    space: SpaceOption = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
     explain: Annotated[bool, typer.Option(help="Also print the method's internals.")] = False,
     method: Annotated[
         str | None, typer.Option(help="Check the index was built with this method.")
     ] = None,
     checkpoint: Annotated[Path | None, typer.Option(help=_CHECKPOINT_HELP)] = None,
-    backbone: Annotated[str, typer.Option(help=_BACKBONE_HELP)] = "default",
+    backbone: BackboneOption = "default",
     weights: Annotated[Path | None, typer.Option(help="Local backbone weights file.")] = None,
-    pgvector: Annotated[
-        str | None, typer.Option(help=_PGVECTOR_SEARCH_HELP, envvar=_PGVECTOR_DSN)
-    ] = None,
+    pgvector: PgvectorOption = None,
 ) -> None:
     """Rank the indexed images for a reference image changed as TEXT says."""
-    from rich.table import Table
-
-    from circe.cli import _fail, console
     from circe.index.search import IndexSearcher
 
     given, source = (None, None)
@@ -156,7 +158,7 @@ def search_command(
         hits = searcher.search(reference, text, k)
         explanation = searcher.explain(reference, text) if explain else None
     except _USER_ERRORS as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     if json_out:
         record = {
             "index": str(index),
