@@ -1,4 +1,5 @@
-"""Every registered method on the synthetic benchmark over seeds (`circe bench quality`).
+"""`circe bench quality`: every standalone method (`circe methods`; variants and DAFM when
+named) on the synthetic benchmark over seeds.
 
 Writes benchmarks/results/quality.json and quality.md; options are passed through.
 """

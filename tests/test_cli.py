@@ -8,7 +8,8 @@ from benchmark_fixtures import write_folder
 from PIL import Image
 from typer.testing import CliRunner
 
-import circe.bench
+import circe.bench.quality
+import circe.bench.record
 from circe.cli import app
 from circe.methods import list_methods, method_class, standalone_methods, variant_of
 
@@ -209,8 +210,8 @@ def test_bench_quality_trains_every_standalone_method_by_default(
 
     def fake_runs(config, seeds, progress, runs_dir=None):
         trained.append(config.method)
-        recall = {f"R@{k}": 0.0 for k in circe.bench.KS}
-        splits = circe.bench.REPORT_SPLITS
+        recall = {f"R@{k}": 0.0 for k in circe.bench.record.KS}
+        splits = circe.bench.record.REPORT_SPLITS
         return [
             {
                 "test": dict.fromkeys(splits, recall),
@@ -222,7 +223,7 @@ def test_bench_quality_trains_every_standalone_method_by_default(
             }
         ]
 
-    monkeypatch.setattr(circe.bench, "_trained_runs", fake_runs)
+    monkeypatch.setattr(circe.bench.quality, "_trained_runs", fake_runs)
     arch, weights = tiny_weights
     out = tmp_path / "results"
     result = run(

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from circe.bench_fusion import write_random_member
+from circe.bench.fusion import write_random_member
 from circe.cli import app
 from circe.data.batching import raw_query
 from circe.eval.evaluate import encode_gallery, encode_queries, score_matrix
@@ -23,6 +23,7 @@ REAL, WORDS, RANDOM = 0, 1, 2  # the members, in order: combiner, dqu-cir, rando
 
 # Every test here stands on members trained by the module's fixtures.
 pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def config(bench, tiny_train_config, tmp_path_factory):
@@ -225,8 +226,8 @@ def test_index_and_search_through_the_cli(config, members, test_split, tmp_path)
 
 
 def test_bench_fusion_trains_the_gate_on_a_held_out_split_and_reuses_the_members(config, tmp_path):
-    from circe.bench import quality
-    from circe.bench_fusion import fusion
+    from circe.bench.fusion import fusion
+    from circe.bench.quality import quality
 
     runs, base = tmp_path / "runs", config.replace(epochs=2)
     members = ("combiner", "dwc-frozen-text")

@@ -258,7 +258,7 @@ def test_cli_train_resume_and_eval_a_checkpoint(bench, tiny_weights, tmp_path):
 
 
 def test_bench_quality_and_cache_speed_write_their_tables(config, tmp_path):
-    from circe.bench import cache_speed, quality
+    from circe.bench.quality import cache_speed, quality
 
     out = tmp_path / "results"
     base = config.replace(epochs=1, eval_every=0)
@@ -318,7 +318,7 @@ def test_bench_quality_and_cache_speed_write_their_tables(config, tmp_path):
 def test_bench_label_noise_writes_its_table_and_curve(config, tmp_path):
     from PIL import Image
 
-    from circe.bench import label_noise
+    from circe.bench.quality import label_noise
 
     out = tmp_path / "results"
     base = config.replace(epochs=1, eval_every=0, test_splits=["test"])

@@ -1,4 +1,4 @@
-"""`circe bench`: the benchmarks of `circe.bench` and `circe.bench_fusion`, each writing a JSON
+"""`circe bench`: the benchmarks of `circe.bench`, each writing a JSON
 record and the Markdown table printed here."""
 
 from __future__ import annotations
@@ -48,23 +48,6 @@ def _command_line() -> str:
     return " ".join(["circe", *sys.argv[1:]])
 
 
-def _read_plan(path: Path) -> tuple[list[str], dict[str, str]]:
-    """(methods, {method: recipe config path}) from a bench plan YAML."""
-    import yaml
-
-    if not path.is_file():
-        raise FileNotFoundError(f"bench plan not found: {path}")
-    plan = yaml.safe_load(path.read_text()) or {}
-    methods, recipes = plan.get("methods", []), plan.get("recipes", {})
-    unknown = set(plan) - {"methods", "recipes"}
-    if unknown or not isinstance(methods, list) or not isinstance(recipes, dict):
-        raise ValueError(
-            f"{path}: a bench plan holds `methods:` (a list of names) and `recipes:` "
-            f"(method: config path), got {sorted(plan)}"
-        )
-    return [str(m) for m in methods], {str(k): str(v) for k, v in recipes.items()}
-
-
 @bench_app.command("quality")
 def bench_quality(
     root: RootOption = DEFAULT_SYNTHETIC_ROOT,
@@ -100,14 +83,15 @@ def bench_quality(
 ) -> None:
     """Evaluate every zero-shot method and train every trainable one over seeds; write
     quality.json and quality.md."""
-    from circe.bench import quality
+    from circe.bench.quality import quality
+    from circe.bench.record import read_plan
 
     overrides = train_overrides(
         root=root, threads=threads, weights=weights, epochs=epochs, backbone=backbone
     )
     try:
         base = train_settings(config, overrides)
-        planned_methods, planned_recipes = _read_plan(plan) if plan else ([], {})
+        planned_methods, planned_recipes = read_plan(plan) if plan else ([], {})
         given = dict(item.partition("=")[::2] for item in recipe or [])
         recipes = {}
         for name, path in {**planned_recipes, **given}.items():
@@ -140,7 +124,7 @@ def bench_label_noise(
 ) -> None:
     """Train methods on increasingly noisy modification texts; write label_noise.json, .md
     and the curve label_noise.png."""
-    from circe.bench import label_noise
+    from circe.bench.quality import label_noise
 
     try:
         base = train_settings(config, train_overrides(root=root, threads=threads))
@@ -168,7 +152,7 @@ def bench_cache_speed(
     threads: ThreadsOption = None,
 ) -> None:
     """One training epoch with and without the feature cache; write cache_speed.json and .md."""
-    from circe.bench import cache_speed
+    from circe.bench.quality import cache_speed
 
     overrides = train_overrides(
         root=root,
@@ -213,7 +197,7 @@ def bench_fusion(
 ) -> None:
     """Train member methods, then DAFM over them; compare DAFM with each member and with
     equal-weight fusion, and measure its cost; write fusion.json and fusion.md."""
-    from circe.bench_fusion import DEFAULT_MEMBERS, fusion
+    from circe.bench.fusion import DEFAULT_MEMBERS, fusion
 
     overrides = train_overrides(
         root=root, threads=threads, weights=weights, epochs=epochs, backbone=backbone

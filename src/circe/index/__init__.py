@@ -5,7 +5,7 @@ resumable, atomic; `circe.index.store` describes the layout), and `IndexSearcher
 composed queries against it through a search engine chosen by size (`circe.index.engine`).
 
 The names below load on first use, so that `circe --help` (which imports the command
-module `circe.index.cli`) does not pay for FAISS and torch.
+module `circe.cli.index`) does not pay for FAISS and torch.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Benchmarks behind `circe bench`: method quality over seeds, and the feature cache's speed-up.
+"""`circe bench quality`, `label-noise` and `cache-speed`: method quality over seeds, under
+label noise, and the feature cache's speed-up.
 
 Each writes a JSON record and a Markdown table generated from it, so every number in the
 README comes from a command anyone can run.
@@ -7,8 +8,6 @@ README comes from a command anyone can run.
 from __future__ import annotations
 
 import json
-import platform
-import statistics
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -16,47 +15,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from circe.bench.record import (
+    KS,
+    REPORT_SPLITS,
+    TABLE_KS,
+    TEST_SPLITS,
+    machine,
+    over_seeds,
+    write_record,
+)
 from circe.eval.evaluate import evaluate
 from circe.train.config import TrainConfig
 from circe.train.data import load_split
 from circe.train.trainer import Trainer, trained
-
-# Held-out wording first: the figure that predicts free human language (FashionIQ, CIRR).
-TEST_SPLITS = ("test_phrasing", "test", "test_unseen")
-# Scored too, to choose recipes on held-out wording without looking at the test splits
-# (`val_phrasing`'s families are disjoint from `test_phrasing`'s).
-REPORT_SPLITS = (*TEST_SPLITS, "val_phrasing")
-KS = (1, 5, 10, 50)
-TABLE_KS = (1, 10, 50)
-
-
-def _machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.machine(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
-
-
-def _summary(values: list[float]) -> dict[str, Any]:
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "seeds": values,
-    }
-
-
-def _write(out_dir: Path, name: str, record: dict, markdown: str) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
-    json_path.write_text(json.dumps(record, indent=2) + "\n")
-    md_path.write_text(markdown)
-    return json_path, md_path
-
 
 # ------------------------------------------------------------------------------------- quality
 
@@ -87,7 +58,7 @@ def quality(
         "root": base.root,
         "seeds": list(seeds),
         "train_config": base.to_dict(),
-        "machine": _machine(),
+        "machine": machine(),
         "methods": {},
     }
     meta = Path(base.root) / "meta.json"
@@ -106,17 +77,17 @@ def quality(
             entry = {
                 "trainable": False,
                 **{
-                    split: {metric: _summary([v]) for metric, v in result.metrics.items()}
+                    split: {metric: over_seeds([v]) for metric, v in result.metrics.items()}
                     for split, result in results.items()
                 },
                 "per_kind": {
                     split: {
-                        kind: {metric: _summary([v]) for metric, v in values.items()}
+                        kind: {metric: over_seeds([v]) for metric, v in values.items()}
                         for kind, values in result.per_tag.items()
                     }
                     for split, result in results.items()
                 },
-                "train_seconds": _summary([0.0]),
+                "train_seconds": over_seeds([0.0]),
                 "parameters": {
                     "trainable": 0,
                     "total": sum(p.numel() for p in method.parameters()),
@@ -136,7 +107,7 @@ def quality(
                 },
                 **{
                     split: {
-                        metric: _summary([run["test"][split][metric] for run in runs])
+                        metric: over_seeds([run["test"][split][metric] for run in runs])
                         for metric in runs[0]["test"][split]
                     }
                     for split in REPORT_SPLITS
@@ -144,7 +115,7 @@ def quality(
                 "per_kind": {
                     split: {
                         kind: {
-                            metric: _summary(
+                            metric: over_seeds(
                                 [run["test_per_kind"][split][kind][metric] for run in runs]
                             )
                             for metric in values
@@ -153,13 +124,13 @@ def quality(
                     }
                     for split in REPORT_SPLITS
                 },
-                "train_seconds": _summary([run["train_seconds"] for run in runs]),
-                "wall_seconds": _summary([run["wall_seconds"] for run in runs]),
+                "train_seconds": over_seeds([run["train_seconds"] for run in runs]),
+                "wall_seconds": over_seeds([run["wall_seconds"] for run in runs]),
                 "best_epoch": [run["best_epoch"] for run in runs],
                 "parameters": runs[0]["parameters"],
             }
         record["methods"][name] = entry
-    _write(Path(out_dir), "quality", record, quality_markdown(record))
+    write_record(Path(out_dir), "quality", record, quality_markdown(record))
     return record
 
 
@@ -265,7 +236,7 @@ def label_noise(
         "seeds": list(seeds),
         "rates": list(rates),
         "train_config": base.to_dict(),
-        "machine": _machine(),
+        "machine": machine(),
         "methods": {},
     }
     for name in methods:
@@ -273,10 +244,10 @@ def label_noise(
         for rate in rates:
             runs = _trained_runs(replace(base, method=name, text_noise=rate), seeds, progress)
             record["methods"][name][str(rate)] = {
-                metric: _summary([run["test"]["test"][metric] for run in runs])
+                metric: over_seeds([run["test"]["test"][metric] for run in runs])
                 for metric in runs[0]["test"]["test"]
             }
-    _write(Path(out_dir), "label_noise", record, label_noise_markdown(record))
+    write_record(Path(out_dir), "label_noise", record, label_noise_markdown(record))
     plot_label_noise(record, Path(out_dir) / "label_noise.png")
     return record
 
@@ -370,7 +341,7 @@ def cache_speed(
         "method": base.method,
         "train_pairs": len(load_split(base.dataset, base.root, "train").queries),
         "batch_size": base.batch_size,
-        "machine": _machine(),
+        "machine": machine(),
         "runs": runs,
         # The issue's target: a cached epoch at least 5x faster than an uncached one.
         "speedup_epoch": uncached / runs["cache, warm"]["epoch_seconds"],
@@ -378,7 +349,7 @@ def cache_speed(
         "speedup_first_epoch_with_build": uncached
         / (cold["cache_seconds"] + cold["epoch_seconds"]),
     }
-    _write(Path(out_dir), "cache_speed", record, cache_speed_markdown(record))
+    write_record(Path(out_dir), "cache_speed", record, cache_speed_markdown(record))
     return record
 
 

@@ -25,7 +25,15 @@ from typing import Any
 
 import torch
 
-from circe.bench import KS, REPORT_SPLITS, TABLE_KS, TEST_SPLITS, _machine, _summary, _write
+from circe.bench.record import (
+    KS,
+    REPORT_SPLITS,
+    TABLE_KS,
+    TEST_SPLITS,
+    machine,
+    over_seeds,
+    write_record,
+)
 from circe.data.batching import raw_query
 from circe.data.types import CIRSplit
 from circe.eval.evaluate import encode_gallery, encode_queries, masks
@@ -216,11 +224,11 @@ def fusion(
         "members": [*members, *([RANDOM] if random_member else [])],
         "gate_split": gate_split,
         "train_config": base.to_dict(),
-        "machine": _machine(),
+        "machine": machine(),
         "summary": _summarise(runs),
         "runs": runs,
     }
-    _write(Path(out_dir), "fusion", record, fusion_markdown(record))
+    write_record(Path(out_dir), "fusion", record, fusion_markdown(record))
     return record
 
 
@@ -233,7 +241,7 @@ def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for split in TEST_SPLITS:
         summary["metrics"][split] = {
             model: {
-                metric: _summary([run["metrics"][split][model][metric] for run in runs])
+                metric: over_seeds([run["metrics"][split][model][metric] for run in runs])
                 for metric in first["metrics"][split][model]
             }
             for model in models
