@@ -390,3 +390,66 @@ def test_hf_clip_missing_directory_or_config(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(WeightsNotFoundError, match="config.json"):
         load_backbone(f"hf:{tmp_path / 'empty'}")
+
+
+def test_hf_clip_without_its_tokenizer_is_refused(tmp_path):
+    """`model.save_pretrained(DIR)` alone: transformers would build a 2-token tokenizer that
+    gives every text the same ids; circe refuses the directory and says what is missing."""
+    model_dir, *_ = _tiny_hf_clip_dir(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        (model_dir / name).unlink(missing_ok=True)
+    (model_dir / "special_tokens_map.json").unlink(missing_ok=True)
+    with pytest.raises(WeightsNotFoundError, match="no usable tokenizer.*neither vocab.json"):
+        load_backbone(f"hf:{model_dir}")
+
+
+def test_hf_clip_with_another_models_tokenizer_is_refused(tmp_path):
+    """Tokenizer files that are there but belong to a model with a larger vocabulary."""
+    model_dir, *_ = _tiny_hf_clip_dir(tmp_path)
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab.update({f"extra{i}</w>": 1000 + i for i in range(5)})  # ids past the tower's table
+    (model_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(WeightsNotFoundError, match="more than the text tower's .* embeddings"):
+        load_backbone(f"hf:{model_dir}")
+
+
+def test_what_turns_inputs_into_tensors_is_part_of_the_identity_and_the_cache_key(tmp_path):
+    """Same weights, another tokenizer, image processor or context length: another identity
+    (`inputs_sha256`), so another feature-cache key and a refused index."""
+    from circe.train.cache import FeatureCache
+
+    model_dir, *_ = _tiny_hf_clip_dir(tmp_path)
+    cache = FeatureCache(tmp_path / "cache")
+
+    def keys():
+        backbone = load_backbone(f"hf:{model_dir}")
+        return backbone.identity, cache.key(backbone, "text:pooled", ["a", "b"])[0]
+
+    identity, key = keys()
+    assert identity.inputs_sha256
+    assert keys() == (identity, key)  # stable
+    seen = {key}
+    # The tokenizer: one merge fewer (what "cat" splits into).
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    tokenizer["model"]["merges"] = tokenizer["model"]["merges"][1:]
+    (model_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+    changed, key = keys()
+    assert changed.weights_sha256 == identity.weights_sha256 and key not in seen
+    seen.add(key)
+    # The image processor.
+    config = json.loads((model_dir / "preprocessor_config.json").read_text())
+    config["image_mean"] = [0.5, 0.5, 0.5]
+    (model_dir / "preprocessor_config.json").write_text(json.dumps(config))
+    _, key = keys()
+    assert key not in seen
+    seen.add(key)
+    # The context length, through open_clip (the tokenizer pads to the model's context).
+    short = {**TINY_CFG, "text_cfg": {**TINY_CFG["text_cfg"], "context_length": 12}}
+    lengths = {}
+    for name, config in (("long", TINY_CFG), ("short", short)):
+        config_path, weights, _ = _tiny_openclip(tmp_path, f"ctx-{name}", config)
+        backbone = load_backbone(f"open_clip:{config_path}", weights)
+        lengths[name] = (backbone.tokenize(["a"]).shape[1], backbone.identity.inputs_sha256)
+    assert lengths["long"][0] != lengths["short"][0]
+    assert lengths["long"][1] != lengths["short"][1]

@@ -4,6 +4,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from circe.data.render import render_scene
 from circe.data.synthetic import random_scene
 from circe.index.build import build_index
 from circe.index.engine import EngineOptions, build_engine
-from circe.index.identity import IdentityMismatchError, MethodSource
+from circe.index.identity import IdentityMismatchError, MethodIdentity, MethodSource
 from circe.index.search import IndexSearcher, QueryError, UnknownImageError
 from circe.index.store import IndexStoreError, open_space, read_manifest
 from circe.methods import create_method
@@ -241,3 +242,16 @@ def test_engine_goes_approximate_above_the_threshold_and_keeps_recall(tmp_path):
     spread = (spread / np.linalg.norm(spread, axis=1, keepdims=True)).astype(np.float32)
     kept = build_engine(spread, EngineOptions(exact_below=1000, target_recall=0.999))
     assert kept.choice.kind == "flat" and "exact search (IndexFlatIP) is kept" in kept.choice.reason
+
+
+def test_an_index_refuses_a_backbone_that_reads_inputs_differently():
+    """Same weights, another tokenizer or preprocessing (`inputs_sha256`): not one space. An
+    identity written before the field existed ("") is not compared on it."""
+    built = MethodIdentity("sum", {}, "b@1", "w" * 64, 32, 16, None, "a" * 64)
+    assert built.differences(replace(built, backbone_inputs_sha256="b" * 64)) == [
+        f"backbone_inputs_sha256: {'a' * 64!r} != {'b' * 64!r}"
+    ]
+    old = MethodIdentity.from_json(
+        {k: v for k, v in built.to_json().items() if k != "backbone_inputs_sha256"}
+    )
+    assert old.backbone_inputs_sha256 == "" and not old.differences(built)

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 from PIL import Image
+
+# Sentences a tokenizer is checked and fingerprinted with: ordinary words, a relation,
+# punctuation, case and a long word that needs several pieces.
+PROBE_SENTENCES = (
+    "a photo of a small red circle left of the blue square",
+    "Same shirt, but Longer sleeves!",
+    "unbelievably",
+)
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -23,6 +33,9 @@ class BackboneIdentity:
     weights_sha256: str
     image_size: int
     embed_dim: int
+    # How inputs become tensors (`Backbone.inputs_sha256`): preprocessing, tokenizer, context
+    # length. Empty in records written before it existed.
+    inputs_sha256: str = ""
 
     def short(self) -> str:
         return f"{self.spec}@{self.weights_sha256[:12]}"
@@ -98,6 +111,33 @@ class Backbone(torch.nn.Module, ABC):
         )
         _, text_tokens, _ = self.encode_text(self.tokenize(["a"]).to(self.device), tokens=True)
         return tuple(image_tokens.shape[1:]), tuple(text_tokens.shape[1:])
+
+    def input_files(self) -> list[Path]:
+        """Files besides the weights that shape how inputs become tensors (a transformers
+        directory's tokenizer and image processor files). Default: none (open_clip's come
+        with the package)."""
+        return []
+
+    def inputs_sha256(self) -> str:
+        """A hash of everything between raw inputs and the towers: the pixels the
+        preprocessing makes of a fixed probe image, the token ids of fixed probe sentences
+        (their length is the context length), and `input_files`. A changed tokenizer,
+        transform or context length changes it, and so every cache key and index identity
+        that includes it, even where the weights are the same."""
+        digest = hashlib.sha256()
+        probe = Image.linear_gradient("L").resize((97, 61)).convert("RGB")  # not square
+        digest.update(self.preprocess(probe).contiguous().numpy().tobytes())
+        token_ids = self.tokenize(list(PROBE_SENTENCES))
+        digest.update(str(tuple(token_ids.shape)).encode())
+        digest.update(token_ids.to(torch.int64).numpy().tobytes())
+        for path in sorted(self.input_files()):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+        return digest.hexdigest()
+
+    def record_inputs(self) -> None:
+        """Put `inputs_sha256` into `identity` (a backbone calls it last in `__init__`)."""
+        self.identity = replace(self.identity, inputs_sha256=self.inputs_sha256())
 
     @property
     def embed_dim(self) -> int:

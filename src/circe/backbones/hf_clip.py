@@ -19,7 +19,12 @@ import torch
 from PIL import Image
 
 from circe.backbones import file_sha256
-from circe.backbones.base import Backbone, BackboneIdentity, WeightsNotFoundError
+from circe.backbones.base import (
+    PROBE_SENTENCES,
+    Backbone,
+    BackboneIdentity,
+    WeightsNotFoundError,
+)
 
 _HOW_TO_GET = (
     "circe never downloads models: save one locally first, e.g. `huggingface-cli download "
@@ -36,6 +41,55 @@ def _import_transformers():
             "Hugging Face CLIP backbones need transformers: pip install 'circe[hf]'"
         ) from e
     return transformers
+
+
+# A transformers directory's files that turn inputs into tensors: tokenizer and image processor.
+INPUT_FILES = frozenset(
+    {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "preprocessor_config.json",
+    }
+)
+# What makes a CLIP tokenizer: its vocabulary and merges, or the one-file tokenizer.json.
+TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
+
+
+def _check_tokenizer(tokenizer, vocab_size: int, model_dir: Path) -> None:
+    """Refuse a tokenizer that is not the text tower's: one with more tokens than the tower
+    has embeddings, or one that cannot give back a plain sentence (transformers builds a
+    2-token `CLIPTokenizer` from a directory without tokenizer files, and every text then
+    becomes the same ids: silent, wrong results)."""
+    problem = None
+    if len(tokenizer) > vocab_size:
+        problem = (
+            f"its {len(tokenizer)} tokens are more than the text tower's {vocab_size} embeddings"
+        )
+    else:
+        for sentence in PROBE_SENTENCES:
+            ids = tokenizer(sentence)["input_ids"]
+            back = tokenizer.decode(ids, skip_special_tokens=True)
+            if "".join(back.split()).lower() != "".join(sentence.split()).lower():
+                problem = (
+                    f"it has {len(tokenizer)} tokens for a text tower of {vocab_size} "
+                    f"embeddings and reads {sentence!r} back as {back!r}"
+                )
+                break
+    if problem is None:
+        return
+    files = {p.name for p in model_dir.iterdir()}
+    if any(set(group) <= files for group in TOKENIZER_FILES):
+        where = "its tokenizer files are there but do not belong to this model"
+    else:
+        where = "it has neither vocab.json + merges.txt nor tokenizer.json"
+    raise WeightsNotFoundError(
+        f"{model_dir} has no usable tokenizer: {problem}; {where}. Save the model's own "
+        "tokenizer next to its weights (tokenizer.save_pretrained(DIR))."
+    )
 
 
 def _weight_files(model_dir: Path) -> list[Path]:
@@ -150,6 +204,7 @@ class HFClipBackbone(Backbone):
                 f"weights (tokenizer / image processor .save_pretrained(DIR)): {e}"
             ) from e
 
+        _check_tokenizer(tokenizer, int(model.config.text_config.vocab_size), model_dir)
         self.model = model.to(device)
         self.eval()  # the wrapper too, so `bb.training` is False and train() flips both
         self._tokenizer = tokenizer
@@ -168,8 +223,13 @@ class HFClipBackbone(Backbone):
             image_size=int(model.config.vision_config.image_size),
             embed_dim=int(model.config.projection_dim),
         )
+        self._model_dir = model_dir
+        self.record_inputs()
 
     # -- inputs --------------------------------------------------------------------------------
+
+    def input_files(self) -> list[Path]:
+        return [p for p in self._model_dir.iterdir() if p.is_file() and p.name in INPUT_FILES]
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self._processor(images=image, return_tensors="pt")["pixel_values"][0]  # [3, H, W]

@@ -309,6 +309,7 @@ class OpenClipBackbone(Backbone):
             image_size=int(max(size) if isinstance(size, tuple | list) else size),
             embed_dim=int(open_clip.get_model_config(name)["embed_dim"]),
         )
+        self.record_inputs()
 
     # -- inputs --------------------------------------------------------------------------------
 

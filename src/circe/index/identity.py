@@ -57,6 +57,9 @@ class MethodIdentity:
     image_size: int
     embed_dim: int
     checkpoint_sha256: str | None
+    # How the backbone turns inputs into tensors (`Backbone.inputs_sha256`); "" in
+    # identities written before it was recorded, which are then not compared on it.
+    backbone_inputs_sha256: str = ""
     source: MethodSource = field(default_factory=MethodSource)
 
     @property
@@ -83,9 +86,12 @@ class MethodIdentity:
     def differences(self, other: MethodIdentity) -> list[str]:
         """The compared fields where `other` differs from this identity, as 'name: a != b'."""
         mine, theirs = self.to_json(), other.to_json()
+        compared = [*_COMPARED, "checkpoint_sha256"]
+        if mine["backbone_inputs_sha256"] and theirs["backbone_inputs_sha256"]:
+            compared.append("backbone_inputs_sha256")
         return [
             f"{name}: {mine[name]!r} != {theirs[name]!r}"
-            for name in (*_COMPARED, "checkpoint_sha256")
+            for name in compared
             if mine[name] != theirs[name]
         ]
 
@@ -126,5 +132,6 @@ def identity_of(method: CIRMethod, source: MethodSource) -> MethodIdentity:
         image_size=backbone.image_size,
         embed_dim=backbone.embed_dim,
         checkpoint_sha256=checkpoint_sha256,
+        backbone_inputs_sha256=backbone.inputs_sha256,
         source=source,
     )

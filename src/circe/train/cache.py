@@ -3,13 +3,13 @@
 Layout: `<cache_dir>/<key>/features.safetensors` (`features`: `[N, D]` float32, row i for
 item i) + `meta.json` (what the key was made of, for people and for checking). The key is
 the sha256 of: the backbone identity (`short()` and the full weights sha256), a fingerprint
-of the image preprocessing, what is cached (pooled image or text embeddings, or token
+of how inputs become tensors (preprocessing, tokenizer, context length), what is cached (pooled image or text embeddings, or token
 sequences), and the items themselves (image ids + file path, size and mtime; or the texts),
 so any change to any of them is a miss rather than a stale hit. Entries are written to a
 temporary directory and renamed into place, so a reader never sees a half-written entry.
 
-Token entries (methods that fuse token sequences, `MethodInputs(query="tokens")`) are much larger (a ViT-B/16
-image is 197 x 768 numbers instead of 512), so they are kept as plain `.npy` files that are
+Token entries (methods that fuse token sequences, `MethodInputs(query="tokens")`) are much
+larger (a ViT-B/16 image is 197 x 768 numbers instead of 512), so they are kept as plain `.npy` files that are
 memory-mapped rather than loaded: `tokens.npy` `[N, L, W]` float16 (written batch by batch,
 and cut after the last position any item uses: text padding is not stored), `mask.npy`
 `[N, L]` bool and `pooled.npy` `[N, D]` float32. A batch reads only its own rows from disk
@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from numpy.lib.format import open_memmap
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from circe.atomic import fsync_path
@@ -46,18 +45,6 @@ FORMAT_VERSION = 1
 
 def _sha256(value: object) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-
-
-def preprocess_fingerprint(backbone: Backbone) -> dict[str, str]:
-    """How images become pixels: the transform's repr when it has a stable one (readable in
-    meta.json) and a hash of the pixels it makes of a fixed probe image (catches the rest)."""
-    probe = Image.linear_gradient("L").resize((97, 61)).convert("RGB")  # not square on purpose
-    pixels = backbone.preprocess(probe).contiguous()
-    transform = getattr(backbone, "_preprocess", None)
-    return {
-        "transform": repr(transform) if transform is not None else type(backbone).__name__,
-        "probe_sha256": hashlib.sha256(pixels.numpy().tobytes()).hexdigest(),
-    }
 
 
 def image_items(gallery: Gallery, ids: Sequence[str]) -> list[list]:
@@ -147,7 +134,8 @@ class FeatureCache:
             "format": FORMAT_VERSION,
             "backbone": backbone.identity.short(),
             "weights_sha256": backbone.identity.weights_sha256,
-            "preprocess": preprocess_fingerprint(backbone),
+            # preprocessing, tokenizer and context length (`Backbone.inputs_sha256`)
+            "inputs_sha256": backbone.identity.inputs_sha256,
             "what": what,
             "items_sha256": _sha256(items),
             "count": len(items),
