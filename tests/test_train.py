@@ -2,12 +2,15 @@
 
 import json
 import os
+import shutil
 from collections import Counter
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from circe.backbones import WeightsNotFoundError
+from circe.eval.evaluate import evaluate
 from circe.methods import checkpoint as checkpoint_module
 from circe.methods.checkpoint import load_checkpoint, load_trained_method, save_checkpoint
 from circe.train import trainer as trainer_module
@@ -415,3 +418,33 @@ def test_training_on_a_published_layout_with_a_protocol_preset(tiny_weights, tmp
     assert load_checkpoint(tmp_path / "run").info["train_config"]["protocol"] == "dqu-cir"
     with pytest.raises(ValueError, match="preset"):
         train(config.replace(protocol="nonsense"), tmp_path / "bad", progress=False)
+
+
+def test_a_run_trained_on_relative_paths_moves_and_loads_from_anywhere(
+    config, tiny_weights, tmp_path, monkeypatch
+):
+    """Backbone config and weights given relative to where training ran; the run directory
+    is then copied elsewhere and loaded from a third directory (the paths recorded in the
+    checkpoint's identity are absolute). A backbone that is nowhere is one clear error."""
+    arch, weights = tiny_weights
+    monkeypatch.chdir(weights.parent)
+    config = config.replace(
+        epochs=1, eval_every=0, test_splits=["test"],
+        backbone=f"open_clip:{arch.name}", backbone_weights=weights.name,
+    )  # fmt: skip
+    trained_here = train(config, tmp_path / "run", progress=False).results["test"]["test"]
+    shutil.copytree(tmp_path / "run", tmp_path / "moved" / "run", symlinks=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    method = load_trained_method(tmp_path / "moved" / "run" / "best")
+    split = load_split("synthetic", config.root, "test")
+    assert evaluate(method, split, ks=(1, 5, 10, 50)).metrics == trained_here
+    # Neither the recorded nor the configured weights exist: every place tried is named.
+    copied = tmp_path / "tiny.safetensors"
+    shutil.copy(weights, copied)
+    moved_away = config.replace(backbone=f"open_clip:{arch}", backbone_weights=str(copied))
+    train(moved_away, tmp_path / "run2", progress=False)
+    copied.unlink()
+    with pytest.raises(WeightsNotFoundError, match=f"was not found; tried .*{copied}"):
+        load_trained_method(tmp_path / "run2" / "best")

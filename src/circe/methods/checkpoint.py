@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from circe.atomic import fsync_path
-from circe.backbones import load_backbone
+from circe.backbones import WeightsNotFoundError, load_backbone
 from circe.backbones.base import Backbone
 from circe.methods.base import CIRMethod, create_method
 from circe.methods.plan import stores_backbone
@@ -107,6 +107,34 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path.resolve(), info, load_file(str(path / "model.safetensors")))
 
 
+def backbone_sources(info: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """Where a checkpoint's backbone is looked for, in order, as (spec, weights): first the
+    absolute paths recorded in its identity when it was trained, then the spec and weights
+    as its training config gave them (relative ones from the current directory). So a run
+    directory can be moved, and evaluated from any directory, while the backbone stays put;
+    the weights hash decides whether what is found is the right backbone."""
+    identity, config = info["backbone"], info["train_config"]
+    recorded = identity["weights"]
+    # "builtin:..." (the shipped weights) and a transformers directory are named by the spec.
+    if recorded.startswith("builtin:") or Path(recorded).is_dir():
+        recorded = None
+    sources = [(identity["spec"], recorded), (config["backbone"], config["backbone_weights"])]
+    return list(dict.fromkeys(sources))  # in order, without repeats
+
+
+def _load_its_backbone(checkpoint: Checkpoint, device: str | torch.device) -> Backbone:
+    """The first of `backbone_sources` that loads; else one error naming every place tried."""
+    tried = []
+    for spec, weights in backbone_sources(checkpoint.info):
+        try:
+            return load_backbone(spec, weights, device=device)
+        except (FileNotFoundError, ValueError) as error:  # WeightsNotFoundError included
+            tried.append(f"{spec} with weights {weights}: {error}")
+    raise WeightsNotFoundError(
+        f"the backbone of {checkpoint.path} was not found; tried " + "; ".join(tried)
+    )
+
+
 def load_trained_method(
     path: str | Path, device: str | torch.device = "cpu", shared: Backbone | None = None
 ) -> CIRMethod:
@@ -115,17 +143,16 @@ def load_trained_method(
     is the very backbone the checkpoint names (the members of a fusion share one so)."""
     checkpoint = load_checkpoint(path)
     info = checkpoint.info
-    config = info["train_config"]
     if shared is not None and asdict(shared.identity) == info["backbone"]:
         backbone = shared
     else:
-        backbone = load_backbone(config["backbone"], config["backbone_weights"], device=device)
+        backbone = _load_its_backbone(checkpoint, device)
     saved = info["backbone"]["weights_sha256"]
     if backbone.identity.weights_sha256 != saved:
         raise ValueError(
             f"{checkpoint.path} was trained on backbone weights with sha256 {saved[:12]}, but "
-            f"{config['backbone']} now loads {backbone.identity.weights_sha256[:12]}: pass the "
-            "backbone weights it was trained with"
+            f"{backbone.identity.spec} now loads {backbone.identity.weights_sha256[:12]}: pass "
+            "the backbone weights it was trained with"
         )
     method = create_method(info["method"], backbone, **info["method_config"])
     method_weights = {
