@@ -258,6 +258,13 @@ def test_cli_train_resume_and_eval_a_checkpoint(bench, tiny_weights, tmp_path):
     assert scores[str(out / "best")]["R@10"] == pytest.approx(best["R@10"])
     result = run("eval", "--checkpoint", tmp_path / "nothing", *common)
     assert result.exit_code == 2 and "no checkpoint at" in result.text
+    # A config with no test splits trains, selects and reports that nothing was tested.
+    settings.write_text(settings.read_text() + "test_splits: []\neval_every: 0\n")
+    result = run("train", "--method", "combiner", *common, "--config", settings, "--epochs", 1,
+                 "--batch-size", 16, "--out", tmp_path / "untested")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "no test splits in the config, nothing tested" in result.text
+    assert json.loads((tmp_path / "untested" / "results.json").read_text())["test"] == {}
 
 
 def test_bench_quality_and_cache_speed_write_their_tables(config, tmp_path):

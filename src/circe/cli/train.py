@@ -159,11 +159,11 @@ def train_command(
 
 
 def _print_run(results: dict[str, Any]) -> None:
-    console.print(
-        metrics_table(
-            f"{results['method']} (best epoch {results['best_epoch'] + 1})", results["test"]
-        )
-    )
+    title = f"{results['method']} (best epoch {results['best_epoch'] + 1})"
+    if results["test"]:
+        console.print(metrics_table(title, results["test"]))
+    else:  # `test_splits: []`: trained and selected, nothing tested
+        console.print(f"{title}: no test splits in the config, nothing tested")
     parameters = results["parameters"]
     console.print(
         f"trained {results['global_step']} steps in {results['train_seconds']:.1f}s; "
