@@ -23,6 +23,7 @@ from circe import backbones
 from circe.backbones import (
     DEFAULT_CONFIG_PATH,
     Backbone,
+    CorruptWeightsError,
     WeightsNotFoundError,
     build_openclip_model,
     file_sha256,
@@ -248,10 +249,43 @@ def test_unknown_architecture_name(tmp_path):
 
 def test_weights_for_another_architecture_are_rejected(tmp_path):
     config, _, _ = _tiny_openclip(tmp_path, _unique(tmp_path, "a"), TINY_CFG)
-    wider = {**TINY_CFG, "embed_dim": 48}
+    # The image tower wider: most of its tensors change shape.
+    wider = {**TINY_CFG, "embed_dim": 48, "vision_cfg": {**TINY_CFG["vision_cfg"], "width": 96}}
     _, other_weights, _ = _tiny_openclip(tmp_path, _unique(tmp_path, "b"), wider)
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match="does not fit") as caught:
         load_backbone(f"open_clip:{config}", weights=other_weights)
+    # A count and the first few names, not every mismatched tensor of the model.
+    assert re.search(
+        r"\d+ tensors of another shape \([\w.]+, [\w.]+, [\w.]+, and \d+ more\)", str(caught.value)
+    )
+    assert len(str(caught.value)) < 500
+
+
+@pytest.mark.parametrize("kind", ["safetensors cut short", "pt cut short", "text"])
+def test_unreadable_weights_files_are_called_so(tmp_path, kind):
+    config, weights, model = _tiny_openclip(tmp_path, _unique(tmp_path, "a"), TINY_CFG)
+    if kind == "safetensors cut short":
+        broken = tmp_path / "cut.safetensors"
+        broken.write_bytes(weights.read_bytes()[:1000])
+    elif kind == "pt cut short":
+        whole = tmp_path / "whole.pt"
+        torch.save(model.state_dict(), whole)
+        broken = tmp_path / "cut.pt"
+        broken.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    else:
+        broken = tmp_path / "notes.bin"
+        broken.write_text("these are not weights\n")
+    with pytest.raises(CorruptWeightsError, match="is truncated or not a checkpoint") as caught:
+        load_backbone(f"open_clip:{config}", weights=broken)
+    assert str(broken) in str(caught.value) and len(str(caught.value)) < 500
+
+
+def test_a_corrupt_transformers_directory_is_called_so(tmp_path):
+    model_dir, *_ = _tiny_hf_clip_dir(tmp_path)
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CorruptWeightsError, match="model.safetensors is truncated or not"):
+        load_backbone(f"hf:{model_dir}")
 
 
 def test_sha256_is_cached_per_path_mtime_size(tmp_path):

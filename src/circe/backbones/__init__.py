@@ -19,7 +19,12 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from circe.backbones.base import Backbone, BackboneIdentity, WeightsNotFoundError
+from circe.backbones.base import (
+    Backbone,
+    BackboneIdentity,
+    CorruptWeightsError,
+    WeightsNotFoundError,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +35,7 @@ __all__ = [
     "DEFAULT_WEIGHTS_PATH",
     "Backbone",
     "BackboneIdentity",
+    "CorruptWeightsError",
     "HFClipBackbone",
     "OpenClipBackbone",
     "WeightsNotFoundError",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
@@ -22,6 +24,61 @@ PROBE_SENTENCES = (
 
 class WeightsNotFoundError(FileNotFoundError):
     """Raised when a backbone's weights are not on disk (circe never downloads them)."""
+
+
+class CorruptWeightsError(ValueError):
+    """Raised when a weights file cannot be read at all: truncated, or not a checkpoint."""
+
+
+# How many names of missing, unexpected or reshaped tensors an error shows (a wrong
+# architecture mismatches hundreds; the first few say which way it is wrong).
+SHOWN_KEYS = 3
+
+
+def _some(kind: str, keys: list[str]) -> str:
+    more = f", and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
+    return f"{len(keys)} {kind} ({', '.join(keys[:SHOWN_KEYS])}{more})"
+
+
+def fit_weights(path: Path, what: str, load: Callable[[], Any]) -> None:
+    """Run `load`, which reads the weights file `path` into `what` (a model) without
+    strictness and returns its incompatible keys (`missing_keys`, `unexpected_keys`), and
+    turn each way it can fail into one short error: a file that cannot be read is
+    `CorruptWeightsError`; weights of another architecture are a `ValueError` that counts
+    the missing, unexpected and reshaped tensors and names the first few of each."""
+    try:
+        incompatible = load()
+    except RuntimeError as error:
+        reshaped = re.findall(r"size mismatch for ([\w.]+)", str(error))
+        if not reshaped:
+            raise CorruptWeightsError(_unreadable(path, error)) from None
+        raise ValueError(
+            f"{path} does not fit {what}: {_some('tensors of another shape', reshaped)}"
+        ) from None
+    except AssertionError as error:  # open_clip's own shape checks while it adapts a file
+        raise ValueError(f"{path} does not fit {what}: {error}") from None
+    # Reading an arbitrary file: the parsers raise whatever its bytes lead them to
+    # (SafetensorError, UnpicklingError, IndexError from torch's unpickler, EOFError, ...).
+    except Exception as error:  # noqa: BLE001
+        raise CorruptWeightsError(_unreadable(path, error)) from None
+    wrong = [
+        _some(kind, list(keys))
+        for kind, keys in (
+            ("missing", incompatible.missing_keys),
+            ("unexpected", incompatible.unexpected_keys),
+        )
+        if keys
+    ]
+    if wrong:
+        raise ValueError(f"{path} does not fit {what}: " + "; ".join(wrong))
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return (
+        f"{path} is truncated or not a checkpoint (a .safetensors, .pt or .bin state dict "
+        f"was expected): {type(error).__name__}: {first_line}"
+    )
 
 
 @dataclass(frozen=True)

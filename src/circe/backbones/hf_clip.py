@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from PIL import Image
@@ -24,6 +25,7 @@ from circe.backbones.base import (
     Backbone,
     BackboneIdentity,
     WeightsNotFoundError,
+    fit_weights,
 )
 
 _HOW_TO_GET = (
@@ -169,12 +171,11 @@ class HFClipBackbone(Backbone):
                 )
             config = transformers.CLIPConfig.from_pretrained(model_dir, local_files_only=True)
             model = transformers.CLIPModel(config)
-            try:
-                model.load_state_dict(_read_state_dict(weights_path), strict=True)
-            except RuntimeError as e:
-                raise ValueError(
-                    f"{weights_path} does not fit the CLIP model in {model_dir}: {e}"
-                ) from e
+            fit_weights(
+                weights_path,
+                f"the CLIP model in {model_dir}",
+                lambda: model.load_state_dict(_read_state_dict(weights_path), strict=False),
+            )
             hashed, weights_label = [weights_path], str(weights_path)
         else:
             hashed, weights_label = _weight_files(model_dir), str(model_dir)
@@ -183,15 +184,20 @@ class HFClipBackbone(Backbone):
                     f"no model weights in {model_dir}: expected model.safetensors (or "
                     f"pytorch_model.bin, or their shards) next to config.json. {_HOW_TO_GET}"
                 )
-            model, info = transformers.CLIPModel.from_pretrained(
-                model_dir, local_files_only=True, output_loading_info=True
-            )
-            if info.get("missing_keys"):
-                # from_pretrained would leave these randomly initialised: refuse, do not guess.
-                missing = sorted(info["missing_keys"])
-                raise ValueError(
-                    f"{model_dir} is missing {len(missing)} CLIP weights, e.g. {missing[:5]}"
+            loaded = {}
+
+            def load():
+                loaded["model"], info = transformers.CLIPModel.from_pretrained(
+                    model_dir, local_files_only=True, output_loading_info=True
                 )
+                # Missing weights would be left randomly initialised: refuse, do not guess.
+                # (Unexpected ones, e.g. position ids of another version, are harmless.)
+                return SimpleNamespace(
+                    missing_keys=sorted(info.get("missing_keys", ())), unexpected_keys=[]
+                )
+
+            fit_weights(hashed[0] if len(hashed) == 1 else model_dir, "a CLIP model", load)
+            model = loaded["model"]
 
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from circe.backbones import file_sha256
-from circe.backbones.base import Backbone, BackboneIdentity, WeightsNotFoundError
+from circe.backbones.base import Backbone, BackboneIdentity, WeightsNotFoundError, fit_weights
 
 _NO_DOWNLOAD = (
     "circe never downloads weights: download the checkpoint yourself (e.g. the "
@@ -237,20 +237,20 @@ def _pretrained_tags() -> set[str]:
 def load_openclip_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load a local checkpoint into `model` (strict: every parameter must be in the file)."""
     path = Path(path)
-    try:
+
+    def load():
         if path.suffix == ".safetensors" and not _OPENCLIP_READS_SAFETENSORS:
             from safetensors.torch import load_file
 
             state_dict = load_file(str(path))
             if next(iter(state_dict), "").startswith("module."):  # saved from DataParallel/DDP
                 state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
-            model.load_state_dict(state_dict, strict=True)
-        else:
-            # Handles .pt/.bin (incl. {"state_dict": ...} and "module." prefixes), positional
-            # embedding resizing and, on >= 2.27, safetensors with weights_only=True.
-            open_clip.load_checkpoint(model, str(path), strict=True)
-    except RuntimeError as e:  # load_state_dict's missing/unexpected/size-mismatch report
-        raise ValueError(f"{path} does not fit this open_clip architecture: {e}") from e
+            return model.load_state_dict(state_dict, strict=False)
+        # Handles .pt/.bin (incl. {"state_dict": ...} and "module." prefixes), positional
+        # embedding resizing and, on >= 2.27, safetensors with weights_only=True.
+        return open_clip.load_checkpoint(model, str(path), strict=False)
+
+    fit_weights(path, "this open_clip architecture", load)
 
 
 # --------------------------------------------------------------------------------------------
