@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import circe.backbones
 from circe.cli import app
 from circe.data.render import render_scene
 from circe.data.synthetic import random_scene
@@ -216,6 +217,38 @@ def test_cli_index_then_search(gallery, tmp_path):
     assert result.exit_code == 2 and "built with method 'sum'" in one_line(result.output)
     result = runner.invoke(app, ["search", "--index", str(tmp_path / "none"), *args[3:]])
     assert result.exit_code == 2 and "no index at" in one_line(result.output)
+
+
+def test_cli_reindex_of_an_unchanged_folder_loads_no_model(gallery, tmp_path, monkeypatch):
+    """Nothing changed: decided from the files before any model is loaded. Anything changed
+    (here a new image; also another method or changed weights) loads it and embeds."""
+    runner = CliRunner()
+    index = tmp_path / "index"
+    args = ["index", str(gallery), "--method", "sum", "--out", str(index)]
+    assert runner.invoke(app, args).exit_code == 0
+    loads = []
+    real_load = circe.backbones.load_backbone
+
+    def counted(*given, **kwargs):
+        loads.append(given)
+        return real_load(*given, **kwargs)
+
+    monkeypatch.setattr(circe.backbones, "load_backbone", counted)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert loads == []
+    assert json.loads((index / "sum" / "report.json").read_text())["unchanged"] == 24
+    render_gallery(gallery, 1, seed=5, start=100)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(loads) == 1 and open_space(index, "sum").embeddings.shape[0] == 25
+    # Another weights file for the same backbone spec: not the recorded bytes, so it loads
+    # (and is then refused as another space).
+    loads.clear()
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(circe.backbones.DEFAULT_WEIGHTS_PATH.read_bytes()[:-1] + b"\0")
+    result = runner.invoke(app, [*args, "--weights", str(other)])
+    assert len(loads) == 1
 
 
 def test_engine_goes_approximate_above_the_threshold_and_keeps_recall(tmp_path):

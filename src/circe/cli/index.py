@@ -34,18 +34,32 @@ _CHECKPOINT_HELP = "A trained method: RUN_DIR/best of `circe train`."
 _USER_ERRORS = (OSError, ValueError)
 
 
+def _source(
+    method: str | None, checkpoint: Path | None, backbone: str, weights: Path | None
+) -> MethodSource:
+    """The `MethodSource` the flags name (nothing loaded yet)."""
+    from circe.index.identity import MethodSource
+
+    if checkpoint is not None:
+        return MethodSource(checkpoint=str(checkpoint))
+    if method is None:
+        raise fail("name a --method (e.g. sum) or a trained --checkpoint RUN_DIR/best")
+    return MethodSource(method, backbone, None if weights is None else str(weights))
+
+
+def _load(source: MethodSource) -> CIRMethod:
+    if source.checkpoint is not None:
+        return load_trained(Path(source.checkpoint))
+    weights = None if source.weights is None else Path(source.weights)
+    return load_method(source.method, source.backbone, weights)
+
+
 def _method_and_source(
     method: str | None, checkpoint: Path | None, backbone: str, weights: Path | None
 ) -> tuple[CIRMethod, MethodSource]:
     """Load the method the flags name -> (method, `MethodSource` to record)."""
-    from circe.index.identity import MethodSource
-
-    if checkpoint is not None:
-        return load_trained(checkpoint), MethodSource(checkpoint=str(checkpoint))
-    if method is None:
-        raise fail("name a --method (e.g. sum) or a trained --checkpoint RUN_DIR/best")
-    source = MethodSource(method, backbone, None if weights is None else str(weights))
-    return load_method(method, backbone, weights), source
+    source = _source(method, checkpoint, backbone, weights)
+    return _load(source), source
 
 
 def index_command(
@@ -79,16 +93,18 @@ def index_command(
 ) -> None:
     """Embed every image under PATH into an index (only new or changed images on re-runs;
     an interrupted run resumes)."""
-    from circe.index.build import build_index
+    from circe.index.build import build_index, unchanged_report
     from circe.index.engine import EngineOptions
 
-    model, source = _method_and_source(method, checkpoint, backbone, weights)
+    source = _source(method, checkpoint, backbone, weights)
     index_dir = out or path / DEFAULT_INDEX_NAME
     try:
-        report = build_index(
+        # A re-run over an unchanged folder is told from the files, without loading the model.
+        report = unchanged_report(path, index_dir, source, space, dtype, pgvector)
+        report = report or build_index(
             path,
             index_dir,
-            model,
+            _load(source),
             source,
             space=space,
             batch_size=batch_size,

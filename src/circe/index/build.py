@@ -11,6 +11,7 @@ report; it never stops the run. The new generation is committed atomically at th
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from circe.backbones import DEFAULT_NAME, DEFAULT_WEIGHTS_PATH, file_sha256
 from circe.data.types import load_rgb
 from circe.index.engine import EngineOptions, build_engine
 from circe.index.files import Failure, ImageFile, scan_gallery
@@ -38,6 +40,7 @@ from circe.index.store import (
     write_json_atomic,
 )
 from circe.methods.base import CIRMethod
+from circe.methods.checkpoint import checkpoint_dir
 from circe.methods.plan import takes_raw_inputs
 from circe.progress import Progress, no_progress
 
@@ -166,6 +169,93 @@ def _embed(
     finally:
         flush()
     return vectors, failures
+
+
+def unchanged_report(
+    root: Path,
+    index_dir: Path,
+    source: MethodSource,
+    space: str | None = None,
+    dtype: str = "float32",
+    pgvector: str | None = None,
+) -> IndexReport | None:
+    """The report of a run that has nothing to do, decided from files alone, before the
+    method is loaded (loading a real model takes seconds to minutes); None when a run must
+    load it: the space is new or another method's, its weights files changed, an earlier
+    run is pending, or any image was added, changed, removed or never indexed.
+
+    The method's files are compared by their sha256 (cached per path, size and mtime) with
+    the ones the space recorded; a source whose weights cannot be told from one file (a
+    transformers directory) always loads."""
+    started = time.time()
+    root, index_dir = Path(root), Path(index_dir)
+    manifest = read_manifest(index_dir)
+    name = space or _method_name(source)
+    if manifest is None or name is None or Path(manifest["root"]) != root.resolve():
+        return None
+    if name not in manifest["spaces"] or (index_dir / name / "pending").exists():
+        return None
+    committed = open_space(index_dir, name, mmap=True)
+    recorded = committed.identity
+    if recorded.source != _normalised(source) or _hashes(source) != (
+        recorded.backbone_sha256,
+        recorded.checkpoint_sha256,
+    ):
+        return None
+    on_server = committed.engine.get("kind") in PGVECTOR_KINDS
+    if committed.embeddings.dtype != DTYPES.get(dtype) or on_server != (pgvector is not None):
+        return None
+    files, failed = scan_gallery(root)
+    before = committed.vectors_by_path()
+    if failed or len(files) != len(before):
+        return None
+    for file in files:
+        kept = before.get(file.path)
+        if kept is None or not kept[0].same_file(file.size, file.mtime_ns):
+            return None
+    report = IndexReport(
+        index=str(index_dir),
+        space=name,
+        images=len(files),
+        unchanged=len(files),
+        engine={k: committed.engine[k] for k in ("kind", "reason")},
+        seconds=round(time.time() - started, 2),
+    )
+    with index_lock(index_dir):  # the report of the last run, as a full run writes it
+        write_json_atomic(index_dir / name / "report.json", report.to_json())
+    return report
+
+
+def _method_name(source: MethodSource) -> str | None:
+    if source.checkpoint is None:
+        return source.method
+    config = checkpoint_dir(source.checkpoint) / "config.json"
+    return json.loads(config.read_text()).get("method") if config.is_file() else None
+
+
+def _normalised(source: MethodSource) -> MethodSource:
+    """`source` as `identity_of` records it (absolute paths)."""
+    if source.checkpoint is not None:
+        return MethodSource(checkpoint=str(Path(source.checkpoint).resolve()))
+    weights = None if source.weights is None else str(Path(source.weights).resolve())
+    return MethodSource(method=source.method, backbone=source.backbone, weights=weights)
+
+
+def _hashes(source: MethodSource) -> tuple[str | None, str | None]:
+    """(backbone weights sha256, checkpoint sha256) of a source's files, as an identity
+    records them; (None, None) where they cannot be read off one file."""
+    if source.checkpoint is not None:
+        checkpoint = checkpoint_dir(source.checkpoint)
+        weights, config = checkpoint / "model.safetensors", checkpoint / "config.json"
+        if not (weights.is_file() and config.is_file()):
+            return None, None
+        backbone = json.loads(config.read_text())["backbone"]["weights_sha256"]
+        return backbone, file_sha256(weights)
+    if source.weights is not None and Path(source.weights).is_file():
+        return file_sha256(source.weights), None
+    if source.weights is None and source.backbone in ("default", DEFAULT_NAME):
+        return file_sha256(DEFAULT_WEIGHTS_PATH), None
+    return None, None
 
 
 def build_index(

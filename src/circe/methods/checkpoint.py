@@ -90,12 +90,18 @@ def _remove_unreferenced(run_dir: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+def checkpoint_dir(path: str | Path) -> Path:
+    """The checkpoint directory a path names: itself, or a run directory's `best`."""
+    path = Path(path)
+    if not (path / "model.safetensors").exists() and (path / "best").exists():
+        return path / "best"
+    return path
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read `RUN_DIR/best`, `RUN_DIR/last` or a checkpoint directory; a run directory means
     its `best`."""
-    path = Path(path)
-    if not (path / "model.safetensors").exists() and (path / "best").exists():
-        path = path / "best"
+    path = checkpoint_dir(path)
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise FileNotFoundError(
             f"no checkpoint at {path}: expected a directory with config.json and "
