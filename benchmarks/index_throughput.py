@@ -47,7 +47,7 @@ from index_recall import latencies_ms, make_vectors
 from circe.backbones import load_backbone
 from circe.data.render import render_scene
 from circe.data.synthetic import random_scene
-from circe.data.types import load_rgb
+from circe.data.images import load_rgb
 from circe.index.build import build_index
 from circe.index.engine import EngineOptions, build_engine, exact_top_k, recall_at_k
 from circe.index.files import scan_images

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,24 +141,33 @@ def string_list(values: Any, where: Path, problems: Problems) -> list[str]:
     return values
 
 
-def image_paths(directory: Path, recursive: bool = False) -> Iterator[Path]:
+def _raise(error: OSError) -> None:
+    raise error
+
+
+def image_paths(
+    directory: Path, recursive: bool = False, on_error: Callable[[OSError], None] = _raise
+) -> Iterator[Path]:
     """The image files in `directory` (and below it with `recursive`), recognised by suffix,
     case-insensitively; whether they decode is found out when they are read. Hidden entries
     (a leading dot, e.g. an index folder inside a gallery) are skipped, and so are symbolic
     links to directories (they can loop). Every folder scan (data sets, `circe index`) uses
-    this one walk."""
-    for folder, subfolders, names in os.walk(directory):
+    this one walk. A folder that cannot be listed goes to `on_error` (default: raise; a
+    data set never loses images silently)."""
+    for folder, subfolders, names in os.walk(directory, onerror=on_error):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith(".")) if recursive else []
         for name in sorted(names):
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
                 yield Path(folder) / name
 
 
-def scan_images(directory: Path, recursive: bool = False) -> list[Path]:
+def scan_images(
+    directory: Path, recursive: bool = False, on_error: Callable[[OSError], None] = _raise
+) -> list[Path]:
     """`image_paths` of an existing directory, sorted."""
     if not Path(directory).is_dir():
         raise FileNotFoundError(f"image folder not found: {directory}")
-    return sorted(image_paths(directory, recursive))
+    return sorted(image_paths(directory, recursive, on_error))
 
 
 def existing_images(paths: Mapping[str, Path], source: Path, problems: Problems) -> dict[str, Path]:

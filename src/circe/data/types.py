@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-
-class DatasetFormatError(ValueError):
-    """A data set file is malformed; the message names the file and the record."""
+from circe.data.errors import DatasetFormatError
+from circe.data.images import load_rgb
 
 
 @dataclass(frozen=True)
@@ -69,17 +68,6 @@ class Gallery:
         except KeyError:
             raise KeyError(f"image id {image_id!r} is not in the gallery") from None
         return load_rgb(path)
-
-
-def load_rgb(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            image.seek(0)  # first frame of animated images
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise DatasetFormatError(f"cannot read image {path}: {error}") from None
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from circe.backbones import DEFAULT_NAME, DEFAULT_WEIGHTS_PATH, file_sha256
-from circe.data.types import load_rgb
+from circe.data.images import load_rgb
 from circe.index.engine import EngineOptions, build_engine
 from circe.index.files import Failure, ImageFile, scan_gallery
 from circe.index.identity import MethodIdentity, MethodSource, identity_of
@@ -189,6 +189,8 @@ def unchanged_report(
     transformers directory) always loads."""
     started = time.time()
     root, index_dir = Path(root), Path(index_dir)
+    if not root.is_dir():  # said before a model is loaded for nothing
+        raise FileNotFoundError(f"image folder not found: {root}")
     manifest = read_manifest(index_dir)
     name = space or _method_name(source)
     if manifest is None or name is None or Path(manifest["root"]) != root.resolve():
@@ -280,6 +282,8 @@ def build_index(
         raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     started = time.time()
     root, index_dir = Path(root), Path(index_dir)
+    if not root.is_dir():  # before the index directory is made inside it
+        raise FileNotFoundError(f"image folder not found: {root}")
     method.eval()
     identity = identity_of(method, source)
     space = check_space_name(space or identity.method)

@@ -49,11 +49,17 @@ class Failure:
 
 def scan_gallery(root: Path) -> tuple[list[ImageFile], list[Failure]]:
     """Every image file under `root`, recursively (`circe.data.loading.image_paths`: hidden
-    entries and links to directories skipped), sorted by path; and the image-named entries
-    that cannot even be stat'ed (a broken link), for the report."""
+    entries and links to directories skipped), sorted by path; and, for the report, the
+    image-named entries that cannot even be stat'ed (a broken link) and the folders that
+    cannot be listed."""
     root = Path(root)
     found, failed = [], []
-    for full in scan_images(root, recursive=True):
+
+    def unlistable(error: OSError) -> None:  # its images are reported, not silently dropped
+        where = Path(error.filename or root).relative_to(root).as_posix()
+        failed.append(Failure(where, f"cannot list this folder: {error.strerror or error}"))
+
+    for full in scan_images(root, recursive=True, on_error=unlistable):
         relative = full.relative_to(root).as_posix()
         try:
             stat = full.stat()

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from circe.data.types import RawQuery, load_rgb
+from circe.data.images import load_rgb
+from circe.data.types import RawQuery
 from circe.index.engine import FaissEngine, SearchEngine
 from circe.index.files import ImageFile
 from circe.index.identity import MethodSource, identity_of

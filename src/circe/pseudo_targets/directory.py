@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from circe.data.types import Gallery, Query, load_rgb
+from circe.data.images import load_rgb
+from circe.data.types import Gallery, Query
 from circe.pseudo_targets.generate import Edited, PseudoTargetGenerator
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

@@ -19,7 +19,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
 from circe import __version__
-from circe.data.types import DatasetFormatError, load_rgb
+from circe.data.images import load_rgb
+from circe.data.types import DatasetFormatError
 from circe.index.search import MAX_K, IndexSearcher, QueryError, Reference, UnknownImageError
 from circe.serve.batching import BatchOptions, QueryBatcher
 from circe.serve.thumbnails import MAX_SIZE, MIN_SIZE, thumbnail

@@ -6,7 +6,7 @@ import io
 from functools import lru_cache
 from pathlib import Path
 
-from circe.data.types import load_rgb
+from circe.data.images import load_rgb
 
 MIN_SIZE, MAX_SIZE = 16, 512
 
