@@ -201,6 +201,47 @@ def test_user_mistakes_get_clear_errors(config, tmp_path):
         train(config, run, progress=False)
 
 
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("lr: fast", "lr must be float, got 'fast'"),
+        ("lr: 1e-4", "write 1.0e-4"),
+        ("epochs: 2.5", "epochs must be int, got 2.5"),
+        ("test_splits: test", "test_splits must be list\\[str\\], got 'test'"),
+        ("epochs: [3", "is not valid YAML"),
+    ],
+)
+def test_config_mistakes_stop_before_anything_runs(tmp_path, line, message):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(line + "\n")
+    with pytest.raises(ValueError, match=f"{path}.*{message}"):
+        TrainConfig.from_yaml(path)
+
+
+def test_a_run_killed_before_its_first_checkpoint_can_be_resumed_or_restarted(
+    config, tmp_path, monkeypatch
+):
+    """Killed after it wrote its config, before any checkpoint: `resume` starts it from step
+    0 (nothing was kept, so that is exact), and so does `train` into the same directory."""
+    config = config.replace(epochs=1, eval_every=0, test_splits=["test"])
+    straight = train(config, tmp_path / "straight", progress=False).results
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt  # what a kill leaves: config.json, no `last`
+
+    for again in (
+        lambda run: resume(run, progress=False),
+        lambda run: train(config, run, progress=False),
+    ):
+        run = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
+        with monkeypatch.context() as patched:
+            patched.setattr(trainer_module.Trainer, "fit", killed)
+            with pytest.raises(KeyboardInterrupt):
+                train(config, run, progress=False)
+        assert (run / "config.json").is_file() and not (run / "last").exists()
+        assert again(run).results["test"] == straight["test"]
+
+
 def test_yaml_config(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text("epochs: 7\nmethod_config:\n  dropout: 0.2\nlr: 1.0e-3\n")

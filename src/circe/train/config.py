@@ -82,6 +82,7 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps between metrics.jsonl step records
 
     def __post_init__(self) -> None:
+        _check_types(self)
         self.check()
 
     def check(self) -> None:
@@ -125,13 +126,60 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"training config not found: {path}")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path} is not valid YAML: {error}") from None
         if not isinstance(values, dict):
             raise TypeError(f"{path} must hold a mapping of config fields, got {values!r}")
         try:
             return cls.from_dict(values)
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path}: {error}") from None
+
+
+# The annotation of each field, as the checks below read it (annotations are strings here).
+_SIMPLE = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _check_types(config: TrainConfig) -> None:
+    """Every field holds its annotated type, so that a config mistake (`lr: fast`,
+    `epochs: 2.5`, `test_splits: test`) stops before anything is built or written, naming
+    the field. Whole numbers are accepted for floats."""
+    for spec in fields(config):
+        value = getattr(config, spec.name)
+        kinds = [part.strip() for part in str(spec.type).split("|")]
+        if value is None and "None" in kinds:
+            continue
+        if any(_fits(value, kind) for kind in kinds):
+            continue
+        wanted = " or ".join("null" if kind == "None" else kind for kind in kinds)
+        hint = ""
+        if "float" in kinds and isinstance(value, str) and _is_number(value):
+            hint = " (YAML reads 1e-4 as text: write 1.0e-4)"
+        raise ValueError(f"{spec.name} must be {wanted}, got {value!r}{hint}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _fits(value: Any, kind: str) -> bool:
+    if kind == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind in _SIMPLE:
+        return isinstance(value, _SIMPLE[kind])
+    if kind == "list[str]":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind.startswith("dict["):
+        return isinstance(value, dict)
+    raise TypeError(f"no check for the field type {kind!r}")  # a new field's type: add it
 
 
 def _check_names(values: dict[str, Any], what: str) -> None:

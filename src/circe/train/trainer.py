@@ -558,9 +558,21 @@ def _no_progress(items, total, description):
     return items
 
 
+def _stopped_before_a_checkpoint(run_dir: Path) -> bool:
+    """A run that was started but stopped (killed, or failed on its config) before it kept
+    anything: nothing to resume, so starting it again from step 0 is exact."""
+    return (run_dir / "config.json").exists() and not (
+        (run_dir / "last").exists() or (run_dir / "results.json").exists()
+    )
+
+
 def train(config: TrainConfig, run_dir: str | Path, progress: bool = True) -> TrainResult:
-    """Start a new run in `run_dir` (which must not hold one already)."""
+    """Start a new run in `run_dir` (which must not hold one already, except one that
+    stopped before its first checkpoint: that one is started again)."""
     run_dir = Path(run_dir)
+    if _stopped_before_a_checkpoint(run_dir):
+        for stale in ("config.json", "metrics.jsonl"):
+            (run_dir / stale).unlink(missing_ok=True)
     if (run_dir / "config.json").exists():
         raise FileExistsError(
             f"{run_dir} already holds a training run; continue it with --resume {run_dir} "
@@ -584,11 +596,6 @@ def resume(
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"no training run to resume at {run_dir} (no config.json)")
-    if not (run_dir / "last").exists():
-        raise FileNotFoundError(
-            f"{run_dir} has no checkpoint yet (no `last`): it stopped before its first; "
-            "start a new run instead"
-        )
     saved = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     # max_steps is where one invocation stops: a resumed run goes on unless it is given again.
     overrides = {"max_steps": None, **(overrides or {})}
@@ -605,6 +612,8 @@ def resume(
             f"{', '.join(sorted(RESUMABLE_OVERRIDES))} may differ"
         )
     config = saved.replace(**{k: v for k, v in overrides.items() if k in RESUMABLE_OVERRIDES})
+    if _stopped_before_a_checkpoint(run_dir):  # nothing kept: the same run from step 0
+        return train(config, run_dir, progress)
     trainer = Trainer(config, run_dir, progress)
     return trainer.fit(trainer.restore(run_dir / "last"))
 
@@ -631,8 +640,5 @@ def trained(
         )
     if (run_dir / "results.json").is_file():
         return json.loads((run_dir / "results.json").read_text())
-    if not (run_dir / "last").exists():  # stopped before its first checkpoint: nothing kept
-        saved_path.unlink()
-        return train(config, run_dir, progress).results
     execution = {k: v for k, v in wanted.items() if k in RESUMABLE_OVERRIDES}
     return resume(run_dir, execution, progress).results
