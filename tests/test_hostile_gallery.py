@@ -47,6 +47,7 @@ BAD = {  # file name -> the reason the report must give
     "notes.jpg": "cannot identify image",
     "empty.png": "empty",
     "pipe.png": "not a regular file",  # a FIFO would block a reader forever
+    "caf\\udce9.png": "not valid UTF-8",
 }
 
 
@@ -64,6 +65,8 @@ def gallery(tmp_path_factory):
     (root / "notes.jpg").write_text("not a picture\n")
     (root / "empty.png").write_bytes(b"")
     os.mkfifo(root / "pipe.png")
+    # A name that is not UTF-8 (a Latin-1 "é" written by an old camera or archive).
+    os.close(os.open(os.fsencode(root) + b"/caf\xe9.png", os.O_CREAT | os.O_WRONLY))
     return root
 
 

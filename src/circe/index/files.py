@@ -62,6 +62,12 @@ def scan_gallery(root: Path) -> tuple[list[ImageFile], list[Failure]]:
     for full in scan_images(root, recursive=True, on_error=unlistable):
         relative = full.relative_to(root).as_posix()
         try:
+            relative.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are no UTF-8: ids, JSON and URLs need text
+            shown = relative.encode("utf-8", "backslashreplace").decode()
+            failed.append(Failure(shown, "the file name is not valid UTF-8: rename the file"))
+            continue
+        try:
             stat = full.stat()
         except OSError as error:
             failed.append(Failure(relative, f"cannot stat: {error.strerror or error}"))
