@@ -18,6 +18,7 @@ from circe.index.identity import MethodSource
 from circe.index.search import IndexSearcher
 from circe.methods import create_method
 from circe.serve.app import create_app
+from circe.serve.uploads import UploadLimits
 
 
 def png(image: Image.Image) -> bytes:
@@ -47,6 +48,7 @@ BAD = {  # file name -> the reason the report must give
     "notes.jpg": "cannot identify image",
     "empty.png": "empty",
     "pipe.png": "not a regular file",  # a FIFO would block a reader forever
+    "escape.png": "outside the indexed folder",
     "caf\\udce9.png": "not valid UTF-8",
 }
 
@@ -65,6 +67,9 @@ def gallery(tmp_path_factory):
     (root / "notes.jpg").write_text("not a picture\n")
     (root / "empty.png").write_bytes(b"")
     os.mkfifo(root / "pipe.png")
+    outside = root.parent / "outside.png"
+    render_scene(random_scene(rng), 64).save(outside)
+    (root / "escape.png").symlink_to(outside)
     # A name that is not UTF-8 (a Latin-1 "é" written by an old camera or archive).
     os.close(os.open(os.fsencode(root) + b"/caf\xe9.png", os.O_CREAT | os.O_WRONLY))
     return root
@@ -113,8 +118,8 @@ def test_serve_answers_4xx_not_5xx_for_files_that_went_bad(gallery, tmp_path, de
         search = client.post("/search", data={"text": "make it red", "id": image_id})
         thumbnail = client.get(f"/thumbnails/{image_id}")
         for response in (search, thumbnail):
-            assert 400 <= response.status_code < 500, (name, response.status_code, response.text)
-            assert "re-index" in response.json()["detail"]
+            assert response.status_code == 410, (name, response.status_code, response.text)
+            assert "changed since it was indexed; re-index" in response.json()["detail"]
     # The untouched images still answer.
     fine = client.post("/search", data={"text": "make it red", "id": ids["scene-3.png"]})
     assert fine.status_code == 200 and fine.json()["results"]
@@ -126,3 +131,42 @@ def test_index_of_a_missing_folder_creates_nothing(tmp_path, default_backbone):
     with pytest.raises(FileNotFoundError, match="image folder not found"):
         build_index(missing, missing / ".circe-index", method, MethodSource(method="sum"))
     assert not (tmp_path / "no").exists()
+
+
+def test_serve_follows_no_link_out_of_the_folder_and_checks_the_host(tmp_path, default_backbone):
+    """A link indexed inside the folder and re-pointed afterwards at a file outside it is
+    not served; a request naming an untrusted host (DNS rebinding) is refused; a chunked
+    upload past the limit is refused while it arrives."""
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    rng = random.Random(1)
+    for i in range(3):
+        render_scene(random_scene(rng), 64).save(gallery / f"scene-{i}.png")
+    (gallery / "link.png").symlink_to(gallery / "scene-0.png")
+    method = create_method("sum", default_backbone)
+    build_index(gallery, tmp_path / "index", method, MethodSource(method="sum"))
+    app = create_app(
+        IndexSearcher(tmp_path / "index", method=method),
+        UploadLimits(max_bytes=50_000),
+        trusted_hosts=["localhost"],
+    )
+    client = TestClient(app, base_url="http://localhost")
+    items = client.get("/gallery").json()["items"]
+    link = next(item["id"] for item in items if item["path"] == "link.png")
+    assert client.get(f"/images/{link}").status_code == 200
+    secret = tmp_path / "secret.png"
+    secret.write_bytes((gallery / "scene-1.png").read_bytes())
+    (gallery / "link.png").unlink()
+    (gallery / "link.png").symlink_to(secret)
+    response = client.get(f"/images/{link}")
+    assert response.status_code == 404 and str(tmp_path) not in response.text
+    assert TestClient(app, base_url="http://evil.example").get("/healthz").status_code == 400
+
+    def chunks():  # a file part that goes on for 200 kB, with no Content-Length
+        yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+        for _ in range(20):
+            yield b"x" * 10_000
+
+    multipart = {"content-type": "multipart/form-data; boundary=b"}
+    response = client.post("/search", content=chunks(), headers=multipart)
+    assert response.status_code == 413

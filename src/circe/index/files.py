@@ -53,6 +53,7 @@ def scan_gallery(root: Path) -> tuple[list[ImageFile], list[Failure]]:
     image-named entries that cannot even be stat'ed (a broken link) and the folders that
     cannot be listed."""
     root = Path(root)
+    inside = root.resolve()
     found, failed = [], []
 
     def unlistable(error: OSError) -> None:  # its images are reported, not silently dropped
@@ -66,6 +67,9 @@ def scan_gallery(root: Path) -> tuple[list[ImageFile], list[Failure]]:
         except UnicodeEncodeError:  # bytes that are no UTF-8: ids, JSON and URLs need text
             shown = relative.encode("utf-8", "backslashreplace").decode()
             failed.append(Failure(shown, "the file name is not valid UTF-8: rename the file"))
+            continue
+        if not full.resolve().is_relative_to(inside):  # served later: it must stay in here
+            failed.append(Failure(relative, "a link to a file outside the indexed folder"))
             continue
         try:
             stat = full.stat()

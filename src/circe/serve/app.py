@@ -8,15 +8,19 @@ OpenAPI description is at /docs and /openapi.json.
 
 from __future__ import annotations
 
+import stat
 import time
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from importlib.resources import files
+from pathlib import Path
 from typing import Annotated
 
-from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from circe import __version__
 from circe.data.images import load_rgb
@@ -59,16 +63,74 @@ class GalleryPage(BaseModel):
     items: list[GalleryItem]
 
 
+def _unreadable(relative: str, error: DatasetFormatError) -> HTTPException:
+    """409 for an indexed file that no longer reads as an image, named by its path in the
+    gallery (the server's own paths stay private)."""
+    return HTTPException(409, f"{relative} no longer reads as an image; re-index")
+
+
+def _gallery_image(relative: str, path: Path):
+    try:
+        return load_rgb(path)
+    except DatasetFormatError as error:
+        raise _unreadable(relative, error) from None
+
+
 def _urls(image_id: str) -> dict[str, str]:
     return {"image_url": f"/images/{image_id}", "thumbnail_url": f"/thumbnails/{image_id}"}
+
+
+class BodyLimit:
+    """Refuse a request body past `max_bytes` (413) while it arrives, before the multipart
+    parser spools it to disk: by its Content-Length when it says one, and by counting when
+    it is chunked (which names no length). Past the limit the app is told the body ended,
+    and whatever it answers to the cut body is replaced by the 413."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await self._refuse(scope, receive, send)
+        received, over = 0, False
+
+        async def counted():
+            nonlocal received, over
+            if over:
+                return {"type": "http.request", "body": b"", "more_body": False}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    over = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
+            return message
+
+        async def answered(message):
+            if not over:
+                return await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                await self._refuse(scope, receive, send)
+
+        await self.app(scope, counted, answered)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        message = f"the request is larger than {self.max_bytes // 2**20} MiB"
+        await JSONResponse({"detail": message}, status_code=413)(scope, receive, send)
 
 
 def create_app(
     searcher: IndexSearcher,
     limits: UploadLimits | None = None,
     batching: BatchOptions | None = None,
+    trusted_hosts: Sequence[str] | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving `searcher`'s index."""
+    """The FastAPI app serving `searcher`'s index. `trusted_hosts`: the Host header values
+    answered (others get 400), against DNS rebinding: a page elsewhere that points its name
+    at 127.0.0.1 must not read the gallery; None: no check (`circe serve` always sets it)."""
     limits = limits or UploadLimits()
     batcher = QueryBatcher(searcher, batching)
 
@@ -81,6 +143,10 @@ def create_app(
         lifespan=lifespan,
         title="circe",
         version=__version__,
+        # The interactive docs load their scripts from a CDN: blank offline, and a third
+        # party on a private gallery. The schema stays at /openapi.json.
+        docs_url=None,
+        redoc_url=None,
         description=(
             "Composed image retrieval over an indexed folder: a reference image plus a "
             f"modification text -> ranked gallery images ({searcher.space.identity.describe()})."
@@ -89,25 +155,32 @@ def create_app(
     app.state.batcher = batcher
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
 
-    @app.middleware("http")
-    async def refuse_huge_bodies(request: Request, call_next):
-        # Refused before the multipart parser spools the body to disk; the upload check
-        # below still applies to what gets through (the form fields add a little).
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limits.max_bytes + 2**16:
-            message = f"the request is larger than {limits.max_bytes // 2**20} MiB"
-            return JSONResponse({"detail": message}, status_code=413)
-        return await call_next(request)
+    # The upload check below still applies to what gets through (form fields add a little).
+    app.add_middleware(BodyLimit, max_bytes=limits.max_bytes + 2**16)
+    if trusted_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(trusted_hosts))
+    root = searcher.root.resolve()
 
     def gallery_file(image_id: str):
+        """The indexed file of `image_id`, only as it was indexed: a regular file inside the
+        indexed folder (a link re-pointed elsewhere is not followed out), with the size and
+        mtime the index recorded (404 when gone, 410 when changed: re-index)."""
         try:
             file = searcher.image_file(image_id)
         except UnknownImageError as error:
             raise HTTPException(404, str(error)) from None
-        path = searcher.root / file.path
-        if not path.is_file():
+        path = (searcher.root / file.path).resolve()
+        try:
+            info = path.stat()
+        except OSError:
+            info = None
+        if info is None or not path.is_relative_to(root) or not stat.S_ISREG(info.st_mode):
             raise HTTPException(
                 404, f"image {image_id} ({file.path}) is indexed but its file is gone; re-index"
+            )
+        if not file.same_file(info.st_size, info.st_mtime_ns):
+            raise HTTPException(
+                410, f"image {image_id} ({file.path}) has changed since it was indexed; re-index"
             )
         return file, path
 
@@ -151,14 +224,12 @@ def create_app(
                 reference = Reference(decode_upload(image.file.read(limits.max_bytes + 1), limits))
             else:
                 file, path = gallery_file(image_id)
-                reference = Reference(load_rgb(path), file.id, file.path)
+                reference = Reference(_gallery_image(file.path, path), file.id, file.path)
             hits = batcher.search(reference, text, k)
         except UploadError as error:
             raise HTTPException(error.status, str(error)) from None
         except QueryError as error:
             raise HTTPException(422, str(error)) from None
-        except DatasetFormatError as error:  # a gallery file that no longer decodes
-            raise HTTPException(409, f"{error}; re-index the gallery") from None
         return SearchResponse(
             text=text.strip(),
             k=k,
@@ -191,11 +262,11 @@ def create_app(
         image_id: str, size: Annotated[int, Query(ge=MIN_SIZE, le=MAX_SIZE)] = 192
     ) -> Response:
         """A JPEG preview of a gallery image that fits `size` x `size`."""
-        _, path = gallery_file(image_id)
+        file, path = gallery_file(image_id)
         try:
             data = thumbnail(path, size)
         except DatasetFormatError as error:
-            raise HTTPException(409, f"{error}; re-index the gallery") from None
+            raise _unreadable(file.path, error) from None
         return Response(data, media_type="image/jpeg")
 
     return app
