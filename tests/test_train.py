@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,6 +73,36 @@ def test_resume_continues_exactly(config, tmp_path, feature_cache):
     losses = [r["loss"] for r in read_log(tmp_path / "whole", "step")]
     assert [r["loss"] for r in read_log(tmp_path / "parts", "step")] == losses
     assert resumed.results["test"] == whole.results["test"]
+
+
+def test_a_kill_between_the_link_swaps_resumes_to_the_straight_run(config, tmp_path, monkeypatch):
+    """Killed in the end-of-epoch save after `best` moved and before `last` did: the resumed
+    run redoes that epoch and ends where a straight run ends (weights, `best`, metrics with
+    no repeated records), and no temporary entry of the killed save is left."""
+    config = config.replace(epochs=2)
+    whole = train(config, tmp_path / "whole", progress=False)
+    real_replace, swaps = os.replace, []
+
+    def killed_before_last(source, target):
+        swaps.append(Path(target).name)
+        if swaps.count("last") == 2 and Path(target).name == "last":  # epoch 2's save
+            raise KeyboardInterrupt
+        return real_replace(source, target)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(checkpoint_module.os, "replace", killed_before_last)
+        with pytest.raises(KeyboardInterrupt):
+            train(config, tmp_path / "parts", progress=False)
+    parts = tmp_path / "parts"
+    assert load_checkpoint(parts / "last").info["epoch"] == 1  # `last` did not move
+    resumed = resume(parts, progress=False)
+    assert resumed.results["test"] == whole.results["test"]
+    for name, value in final_weights(tmp_path / "whole").items():
+        assert torch.equal(value, final_weights(parts)[name]), name
+    assert read_log(parts) != [] and [(r["kind"], r["step"]) for r in read_log(parts)] == [
+        (r["kind"], r["step"]) for r in read_log(tmp_path / "whole")
+    ]
+    assert not [p.name for p in parts.iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_trained_continues_an_interrupted_run_then_reuses_it(config, tmp_path, monkeypatch):

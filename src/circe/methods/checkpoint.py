@@ -56,6 +56,7 @@ def save_checkpoint(
 ) -> Path:
     """Write one checkpoint and point each of `links` ("last", "best") at it, atomically."""
     run_dir = Path(run_dir)
+    _remove_leftovers(run_dir)
     token = uuid.uuid4().hex[:8]
     name = f"ckpt-{info['global_step']:07d}-{token}"
     staging = run_dir / f".tmp-{name}"
@@ -74,13 +75,25 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    for link in links:
+    # `last` is where a resume starts, so it moves after `best`: a kill between the two
+    # swaps leaves `last` on the previous checkpoint, and the resumed run reaches this very
+    # step again and points both links at it.
+    for link in sorted(links, key=lambda name: name == "last"):
         temporary = run_dir / f".tmp-{link}-{token}"
         os.symlink(name, temporary)  # relative: the run directory can be moved
         os.replace(temporary, run_dir / link)
     fsync_path(run_dir)
     _remove_unreferenced(run_dir)
     return run_dir / name
+
+
+def _remove_leftovers(run_dir: Path) -> None:
+    """What a save killed half-way leaves: a staging directory, a link not yet renamed."""
+    for entry in run_dir.glob(".tmp-*"):
+        if entry.is_symlink() or entry.is_file():
+            entry.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _remove_unreferenced(run_dir: Path) -> None:

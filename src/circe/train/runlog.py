@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from circe.atomic import write_text_atomic
+
 
 class RunLog:
     def __init__(self, run_dir: Path, enabled: bool = True):
@@ -35,9 +37,27 @@ class RunLog:
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     self.tensorboard.add_scalar(f"{kind}/{name}", value, step)
 
+    def forget_after(self, step: int) -> None:
+        """Drop the records past `step`: a run resumed from the checkpoint at `step` writes
+        them again, and must not leave two of each."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if _step(line) is not None and _step(line) <= step]
+        if len(kept) != len(lines):
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def _step(line: str) -> int | None:
+    """The step of a record line; None for a line cut short by a kill."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def read_log(run_dir: Path, kind: str | None = None) -> list[dict[str, Any]]:

@@ -363,6 +363,7 @@ class Trainer:
             _set_rng_state(state["rng"][rank])
         else:  # another process count: the data order is the same, the dropout masks are not
             set_seed(self.config.seed + checkpoint.info["global_step"], device_specific=True)
+        self.log.forget_after(checkpoint.info["global_step"])
         return _Position(**state["position"])
 
     # -- the loop --------------------------------------------------------------------------
