@@ -1,5 +1,6 @@
 """`circe index` / `circe search`: incremental, resumable, atomic indexing and its queries."""
 
+import errno
 import json
 import os
 import random
@@ -288,3 +289,29 @@ def test_an_index_refuses_a_backbone_that_reads_inputs_differently():
         {k: v for k, v in built.to_json().items() if k != "backbone_inputs_sha256"}
     )
     assert old.backbone_inputs_sha256 == "" and not old.differences(built)
+
+
+def test_a_full_disk_is_named_and_a_killed_runs_leftovers_are_cleared(
+    gallery, tmp_path, method, monkeypatch
+):
+    index = tmp_path / "index"
+    build_index(gallery, index, method, SUM)
+    before = open_space(index, "sum").embeddings.copy()
+    # What kill -9 leaves: a half-written manifest, generation and shard.
+    (index / ".tmp-index.json-dead").write_text("{")
+    (index / "sum" / ".tmp-gen-000002-dead").mkdir()
+    (index / "sum" / "pending").mkdir(exist_ok=True)
+    (index / "sum" / "pending" / ".tmp-shard-000001-dead.npz").write_bytes(b"\0")
+    render_gallery(gallery, 2, seed=9, start=200)  # something to commit
+
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    with monkeypatch.context() as patched:
+        patched.setattr("circe.index.store.np.save", full)
+        with pytest.raises(IndexStoreError, match="no space left on the device while writing"):
+            build_index(gallery, index, method, SUM)
+    assert np.array_equal(open_space(index, "sum").embeddings, before)  # still the last one
+    assert not list(index.rglob(".tmp-*"))
+    report = build_index(gallery, index, method, SUM)  # space again: it goes on
+    assert report.images == 26 and report.resumed == 2 and not list(index.rglob(".tmp-*"))

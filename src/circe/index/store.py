@@ -24,6 +24,7 @@ one, whole. Generations no manifest names are removed afterwards.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -93,9 +94,32 @@ def index_lock(index_dir: Path) -> Iterator[None]:
                 f"another `circe index` is writing {index_dir}; wait for it to finish"
             ) from None
         try:
+            _remove_leftovers(index_dir)  # the lock is ours: no other run is writing these
             yield
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise IndexStoreError(
+                    f"no space left on the device while writing {error.filename or index_dir}: "
+                    "free some space and run the same command again (the last committed "
+                    "index is unchanged, and the images embedded so far are kept)"
+                ) from None
+            raise
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remove_leftovers(index_dir: Path) -> None:
+    """What a killed run left half-written: temporary files and generations (`.tmp-*`) of
+    the index, its spaces and their pending shards. Whole files are never named so."""
+    for entry in [
+        *index_dir.glob(".tmp-*"),
+        *index_dir.glob("*/.tmp-*"),
+        *index_dir.glob("*/pending/.tmp-*"),
+    ]:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 @dataclass
