@@ -315,3 +315,22 @@ def test_a_full_disk_is_named_and_a_killed_runs_leftovers_are_cleared(
     assert not list(index.rglob(".tmp-*"))
     report = build_index(gallery, index, method, SUM)  # space again: it goes on
     assert report.images == 26 and report.resumed == 2 and not list(index.rglob(".tmp-*"))
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [("manifest", "index.json"), ("embeddings", "embeddings.npy"), ("rows", "rows.jsonl")],
+)
+def test_a_damaged_index_file_is_named(gallery, tmp_path, method, damage, named):
+    index = tmp_path / "index"
+    build_index(gallery, index, method, SUM)
+    generation = open_space(index, "sum").directory
+    if damage == "manifest":
+        (index / "index.json").write_text('{"format": 1, "spa')
+    elif damage == "embeddings":
+        data = (generation / "embeddings.npy").read_bytes()
+        (generation / "embeddings.npy").write_bytes(data[: len(data) // 2])
+    else:
+        (generation / "rows.jsonl").write_text('{"id": "x", "pa\n')
+    with pytest.raises(IndexStoreError, match=f"{named} is damaged"):
+        IndexSearcher(index, method=method, source=SUM)

@@ -73,13 +73,29 @@ def read_manifest(index_dir: Path) -> dict[str, Any] | None:
     path = Path(index_dir) / MANIFEST
     if not path.is_file():
         return None
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT_VERSION:
+    with _damaged(path):
+        manifest = json.loads(path.read_text())
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
         raise IndexStoreError(
-            f"{path} is an index of another format ({manifest.get('format')}); "
+            f"{path} is an index of another format "
+            f"({manifest.get('format') if isinstance(manifest, dict) else manifest!r}); "
             f"this circe reads format {FORMAT_VERSION}: rebuild it with `circe index`"
         )
     return manifest
+
+
+@contextmanager
+def _damaged(path: Path) -> Iterator[None]:
+    """Reading `path` of a committed index: a missing, truncated or malformed file is one
+    error that names it (committed files are written whole, so this is damage from outside:
+    a disk error, a copy cut short, an edit)."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as error:
+        raise IndexStoreError(
+            f"{path} is damaged ({type(error).__name__}: {error}): rebuild the index (delete "
+            "the space directory, or the whole index, and run `circe index` again)"
+        ) from None
 
 
 @contextmanager
@@ -179,12 +195,21 @@ def open_space(index_dir: Path, space: str | None = None, mmap: bool = False) ->
             f"{index_dir} has no space {space!r}; it has: {', '.join(sorted(spaces)) or 'none'}"
         )
     directory = index_dir / spaces[space]["generation"]
-    identity = MethodIdentity.from_json(json.loads((directory / "identity.json").read_text()))
-    with (directory / "rows.jsonl").open() as lines:
+    with _damaged(directory / "identity.json"):
+        identity = MethodIdentity.from_json(json.loads((directory / "identity.json").read_text()))
+    with _damaged(directory / "rows.jsonl"), (directory / "rows.jsonl").open() as lines:
         rows = [json.loads(line) for line in lines]
-    files = [ImageFile(row["path"], row["size"], row["mtime_ns"]) for row in rows]
-    embeddings = np.load(directory / "embeddings.npy", mmap_mode="r" if mmap else None)
-    engine = json.loads((directory / "engine.json").read_text())
+        files = [ImageFile(row["path"], row["size"], row["mtime_ns"]) for row in rows]
+    with _damaged(directory / "embeddings.npy"):
+        embeddings = np.load(directory / "embeddings.npy", mmap_mode="r" if mmap else None)
+    if len(embeddings) != len(files):
+        raise IndexStoreError(
+            f"{directory / 'embeddings.npy'} holds {len(embeddings)} vectors for {len(files)} "
+            "images: the index is damaged; rebuild it (delete the space directory and run "
+            "`circe index` again)"
+        )
+    with _damaged(directory / "engine.json"):
+        engine = json.loads((directory / "engine.json").read_text())
     return IndexSpace(space, Path(manifest["root"]), directory, identity, files, embeddings, engine)
 
 
