@@ -1,6 +1,7 @@
 """Test-server files (CIRR, CIRCO) and `circe eval` / `circe check-dataset` on real layouts."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,8 +29,13 @@ def test_cirr_test1_submission_from_the_command_line(tmp_path, model_args):
     root = write_cirr(tmp_path / "cirr")
     out = tmp_path / "submission"
     result = run("eval", "--dataset", "cirr", "--root", root, "--split", "test1", *model_args,
-                 "--submission", out)  # fmt: skip
+                 "--submission", out, "--json", tmp_path / "record.json")  # fmt: skip
     assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert sorted(Path(p).name for p in record["submission_files"]["image-only"]) == [
+        "cirr_test1_recall.json",
+        "cirr_test1_recall_subset.json",
+    ]
     recall = json.loads((out / "cirr_test1_recall.json").read_text())
     subset = json.loads((out / "cirr_test1_recall_subset.json").read_text())
     pairs = json.loads((root / "cirr/captions/cap.rc2.test1.json").read_text())
@@ -122,3 +128,18 @@ def test_check_dataset_command(tmp_path):
     assert "query '11' names image 'dev-6'" in result.output
     assert "query '12' names image 'dev-6'" in result.output
     assert "4 problem(s)" in result.output and "val: 1 queries, 6 gallery images" in result.output
+
+
+def test_a_submission_for_a_data_set_without_a_test_server_is_refused_first(
+    tmp_path, model_args, monkeypatch, bench
+):
+    """Said before any image is encoded (minutes on a real data set)."""
+    import circe.eval.compare
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("nothing may be encoded for a submission that cannot exist")
+
+    monkeypatch.setattr(circe.eval.compare, "score_matrix", no_encoding)
+    result = run("eval", "--dataset", "synthetic", "--root", bench, *model_args,
+                 "--submission", tmp_path / "out")  # fmt: skip
+    assert result.exit_code == 2 and "score it without --submission" in result.output

@@ -60,6 +60,8 @@ class Comparison:
             "results": self.results,
             "per_part": self.per_part,
             "per_kind": self.per_kind,
+            # The test server's files, per method (empty without --submission).
+            "submission_files": {s.name: [str(p) for p in s.written] for s in self.scored},
         }
 
 
@@ -101,6 +103,11 @@ def compare(
     done. Raises FileNotFoundError or ValueError for what the caller can fix."""
     check_candidates(methods, checkpoints, submission)
     data = load_benchmark(dataset, root, split, protocol)
+    if submission is not None and data.submission is None:  # before minutes of encoding
+        raise ValueError(
+            f"{dataset} has no test server, so there are no submission files to write: "
+            "score it without --submission"
+        )
     if not data.labelled and submission is None:
         hint = "; write the test server's files with --submission DIR" if data.submission else ""
         raise ValueError(
