@@ -16,6 +16,7 @@ from benchmark_fixtures import (
 )
 
 from circe.data.cirr import load_cirr
+from circe.data.errors import DatasetWarning
 from circe.data.fashion200k import different_words
 from circe.data.fashioniq import join_captions, load_fashioniq
 from circe.data.registry import check_dataset, load_benchmark, load_split
@@ -380,3 +381,17 @@ def test_check_dataset_reports_every_problem(tmp_path):
     assert report.counts == {"dress.val": (1, 5), "shirt.val": (2, 4), "toptee.val": (0, 5)}
     clean = check_dataset("cirr", write_cirr(tmp_path / "clean"), "val")
     assert clean.problems == [] and clean.counts == {"val": (3, 8)}
+
+
+def test_fashioniq_records_with_an_empty_caption_are_kept_with_a_warning(tmp_path):
+    """The published files hold 16 such records; every paper's loader keeps them."""
+    root = write_fashioniq(tmp_path / "fiq")
+    path = root / "captions" / "cap.dress.val.json"
+    records = json.loads(path.read_text())
+    records[1]["captions"][0] = ""
+    path.write_text(json.dumps(records))
+    with pytest.warns(
+        DatasetWarning, match=r"cap.dress.val.json: 1 record\(s\) with an empty caption \(#1\)"
+    ):
+        split = load_split("fashioniq", root, "dress.val")
+    assert len(split.queries) == 2

@@ -3,3 +3,7 @@
 
 class DatasetFormatError(ValueError):
     """A data set file is malformed; the message names the file and the record."""
+
+
+class DatasetWarning(UserWarning):
+    """Something odd in a data set's files that its published protocol keeps as it is."""

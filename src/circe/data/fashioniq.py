@@ -32,11 +32,13 @@ Protocol parameters, all recorded in `CIRSplit.protocol` (presets in `PRESETS`):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from circe.data import protocol as params
+from circe.data.errors import DatasetWarning
 from circe.data.loading import (
     Kind,
     ListOf,
@@ -147,12 +149,14 @@ def _category(
     required: dict[str, Kind] = {"candidate": str, "captions": ListOf(str, 2)}
     if part != "test":  # test records have no target
         required["target"] = str
-    queries = []
+    queries, empty = [], []
     for n, record in enumerate(records):
         values = fields(record, f"{captions_path}: record #{n}", problems, required)
         if values is None:
             continue
         texts = values["captions"]
+        if any(not text.strip() for text in texts):
+            empty.append(n)
         if corrections is not None:
             texts = [correct(text, corrections) for text in texts]
         target = values.get("target")
@@ -164,6 +168,14 @@ def _category(
                 target_ids=(target,) if target else (),
                 tags=(category,),
             )
+        )
+    if empty:  # in the published files (16 records): kept, as every paper's loader keeps them
+        shown = ", ".join(f"#{n}" for n in empty[:5]) + (" ..." if len(empty) > 5 else "")
+        warnings.warn(
+            f"{captions_path}: {len(empty)} record(s) with an empty caption ({shown}); kept, "
+            "as the published protocol keeps them",
+            DatasetWarning,
+            stacklevel=2,
         )
     if part == "val" and protocol.gallery == "val-split":
         listed: Sequence[str] = list(
