@@ -31,6 +31,7 @@ def test_cirr_test1_submission_from_the_command_line(tmp_path, model_args):
     result = run("eval", "--dataset", "cirr", "--root", root, "--split", "test1", *model_args,
                  "--submission", out, "--json", tmp_path / "record.json")  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert "upload them to https://cirr.zheyuanliu.me/evaluate.html" in result.output
     record = json.loads((tmp_path / "record.json").read_text())
     assert sorted(Path(p).name for p in record["submission_files"]["image-only"]) == [
         "cirr_test1_recall.json",

@@ -60,6 +60,7 @@ def evaluate_command(
 ) -> None:
     """Evaluate methods on a benchmark split with the benchmark's own protocol and metrics."""
     from circe.eval.compare import check_candidates, compare
+    from circe.eval.submission import SERVERS
     from circe.threads import set_torch_threads
 
     set_torch_threads(threads)
@@ -96,6 +97,8 @@ def evaluate_command(
     except (FileNotFoundError, ValueError) as error:  # WeightsNotFoundError included
         raise fail(str(error)) from None
     results, benchmark = comparison.results, comparison.benchmark
+    if submission is not None:
+        console.print(f"upload them to {SERVERS[benchmark.submission]}", soft_wrap=True)
     if results:
         sizes = f"{sum(len(p.queries) for p in benchmark.parts)} queries, " + " + ".join(
             str(len(p.gallery)) for p in benchmark.parts

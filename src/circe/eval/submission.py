@@ -1,6 +1,6 @@
 """Files for the test servers of the benchmarks whose test labels are hidden.
 
-* **CIRR** (cirr.cecs.anu.edu.au; the CIRR repository's ``Test-split_server.md`` and
+* **CIRR** (the CIRR repository's ``Test-split_server.md`` and
   ``demo_files``): two JSON objects, uploaded separately. Each holds ``"version": "rc2"``, a
   ``"metric"`` and one entry per pair, keyed by ``str(pairid)``. ``metric: recall`` lists the
   top 50 image names of the whole split gallery with the reference removed;
@@ -76,6 +76,13 @@ def circo_submission(split: CIRSplit, scores: torch.Tensor) -> dict[str, dict]:
     }
     return {f"circo_{split.name}.json": content}
 
+
+# Where the files go, as each benchmark's project page names it (CIRR's moved off
+# cirr.cecs.anu.edu.au; its project page names these two).
+SERVERS = {
+    "cirr": "https://cirr.zheyuanliu.me/evaluate.html (backup: https://cirr.junjie.au/)",
+    "circo": "https://circo.micc.unifi.it/",
+}
 
 WRITERS: dict[str, Callable[[CIRSplit, torch.Tensor], dict[str, dict]]] = {
     "cirr": cirr_submission,
