@@ -6,6 +6,7 @@ import pytest
 import torch
 from benchmark_fixtures import (
     F200K_TEST,
+    FIQ_CATEGORIES,
     write_circo,
     write_cirr,
     write_fashion200k,
@@ -381,6 +382,23 @@ def test_check_dataset_reports_every_problem(tmp_path):
     assert report.counts == {"dress.val": (1, 5), "shirt.val": (2, 4), "toptee.val": (0, 5)}
     clean = check_dataset("cirr", write_cirr(tmp_path / "clean"), "val")
     assert clean.problems == [] and clean.counts == {"val": (3, 8)}
+
+
+def test_check_dataset_without_a_split_checks_every_split(tmp_path):
+    """A broken training record is found too, not only the evaluated split's problems; each
+    split is checked once (FashionIQ's per-category splits with their whole split)."""
+    root = write_fashioniq(tmp_path)
+    path = root / "captions" / "cap.shirt.train.json"
+    path.write_text(json.dumps([{"candidate": "S7", "captions": ["a", "b"]}]))  # no target
+    report = check_dataset("fashioniq", root)
+    assert set(report.counts) == {
+        f"{c}.{p}" for c in FIQ_CATEGORIES for p in ("train", "val", "test")
+    }
+    assert (
+        len(report.problems) == 1
+        and "cap.shirt.train.json: record #0 lacks key 'target'" in report.problems[0]
+    )
+    assert report.counts["dress.train"] == (1, 2) and report.counts["shirt.train"] == (0, 2)
 
 
 def test_fashioniq_records_with_an_empty_caption_are_kept_with_a_warning(tmp_path):

@@ -66,7 +66,9 @@ def synth(
 def check_dataset_command(
     dataset: Annotated[str, typer.Option(help="fashioniq | cirr | circo | shoes | ... | folder")],
     root: RootOption,
-    split: Annotated[str | None, typer.Option(help="Split (default: the evaluated one).")] = None,
+    split: Annotated[
+        str | None, typer.Option(help="Split (default: every split the data set has).")
+    ] = None,
     protocol: Annotated[str | None, typer.Option(help="Protocol preset.")] = None,
 ) -> None:
     """Validate a data set's files: counts, and every problem found (not just the first)."""

@@ -164,14 +164,30 @@ class DatasetCheck:
     problems: list[str]
 
 
+def _every_split(spec: DatasetSpec, root: Path) -> list[str]:
+    """The splits of a data set, each once: a split that is a part of another (FashionIQ's
+    `dress.val` of `val`) is checked with it. The folder data set's splits are its query
+    files."""
+    if not spec.splits:
+        found = sorted({p.stem for p in root.glob("*") if p.suffix in (".csv", ".jsonl")})
+        return found or [spec.default_split]
+    return [
+        name
+        for name in spec.splits
+        if not any(name != other and name in spec.parts(other) for other in spec.splits)
+    ]
+
+
 def check_dataset(
     dataset: str, root: str | Path, split: str | None = None, protocol: str | None = None
 ) -> DatasetCheck:
-    """Load a split collecting every problem instead of stopping at the first."""
+    """Load a split (default: every split the data set has) collecting every problem instead
+    of stopping at the first."""
     spec = dataset_spec(dataset)
     counts: dict[str, tuple[int, int]] = {}
     found: list[str] = []
-    for part in spec.parts(split or spec.default_split):
+    names = [split] if split else _every_split(spec, Path(root))
+    for part in (part for name in names for part in spec.parts(name)):
         problems = Problems(collect=True)
         try:
             loaded = load_split(dataset, root, part, protocol, problems=problems)
