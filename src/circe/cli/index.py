@@ -75,7 +75,17 @@ def index_command(
     backbone: BackboneOption = "default",
     weights: Annotated[Path | None, typer.Option(help="Local backbone weights file.")] = None,
     batch_size: int = 64,
-    workers: Annotated[int, typer.Option(help="Image decoding worker processes.")] = 0,
+    workers: Annotated[
+        int, typer.Option(min=0, help="Image decoding worker processes (0: threads, see below).")
+    ] = 0,
+    decode_threads: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Threads decoding the next batches while one is embedded (default: the "
+            "cores torch leaves free; 0: decode and embed in turn).",
+        ),
+    ] = None,
     dtype: Annotated[str, typer.Option(help="Stored vectors: float32 or float16.")] = "float32",
     exact_below: Annotated[
         int, typer.Option(help="Exact search below this many images, approximate above.")
@@ -95,6 +105,7 @@ def index_command(
     an interrupted run resumes)."""
     from circe.index.build import build_index, unchanged_report
     from circe.index.engine import EngineOptions
+    from circe.index.reader import AUTO
 
     source = _source(method, checkpoint, backbone, weights)
     index_dir = out or path / DEFAULT_INDEX_NAME
@@ -109,6 +120,7 @@ def index_command(
             space=space,
             batch_size=batch_size,
             workers=workers,
+            threads=AUTO if decode_threads is None else decode_threads,
             dtype=dtype,
             engine_options=EngineOptions(exact_below=exact_below, approximate=approximate),
             progress=track,

@@ -2,10 +2,10 @@
 
 A run compares the folder with the committed space (by relative path, size and mtime):
 unchanged images keep their vectors, new and changed ones are embedded, deleted ones are
-dropped. Embedding is reader -> encoder -> writer: a DataLoader decodes and preprocesses
-images (in worker processes when asked), the method's `encode_targets` embeds a batch, and
-finished vectors go to pending shards (`circe.index.pending`) so that an interrupted run
-resumes where it stopped. An image that does not decode is skipped and listed in the
+dropped. Embedding is reader -> encoder -> writer, overlapped: threads (or worker
+processes) decode and preprocess the next batches (`circe.index.reader`) while the method's
+`encode_targets` embeds one, and a writer thread puts finished vectors in pending shards
+(`circe.index.pending`) so that an interrupted run resumes where it stopped. An image that does not decode is skipped and listed in the
 report; it never stops the run. The new generation is committed atomically at the end.
 """
 
@@ -13,22 +13,22 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from circe.backbones import DEFAULT_NAME, DEFAULT_WEIGHTS_PATH, file_sha256
-from circe.data.images import load_rgb
 from circe.index.engine import EngineOptions, build_engine
 from circe.index.files import Failure, ImageFile, scan_gallery
 from circe.index.identity import MethodIdentity, MethodSource, identity_of
 from circe.index.pending import PendingRun
 from circe.index.pgvector import KINDS as PGVECTOR_KINDS
 from circe.index.pgvector import build_pgvector_engine, prune_tables
+from circe.index.reader import AUTO, read_batches
 from circe.index.store import (
     IndexSpace,
     IndexStoreError,
@@ -68,33 +68,6 @@ class IndexReport:
         return asdict(self)
 
 
-class _Images(Dataset):
-    """Decoded, preprocessed images (decoded only without `preprocess`); a file that does not
-    decode yields its error instead."""
-
-    def __init__(self, root: Path, files: list[ImageFile], preprocess=None):
-        self.root, self.files, self.preprocess = root, files, preprocess
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, position: int) -> tuple[int, Any, str | None]:
-        try:
-            image = load_rgb(self.root / self.files[position].path)
-            return position, image if self.preprocess is None else self.preprocess(image), None
-        # User files can fail to decode in any way Pillow knows (truncated data, decompression
-        # bombs, unsupported modes): each is reported, none may stop the run.
-        except Exception as error:  # noqa: BLE001
-            return position, None, f"{type(error).__name__}: {error}"
-
-
-def _collate(items):
-    """-> (positions that decoded, their inputs (pixels or images), [(position, error)])."""
-    good = [(position, inputs) for position, inputs, _ in items if inputs is not None]
-    bad = [(position, error) for position, _, error in items if error is not None]
-    return [position for position, _ in good], [inputs for _, inputs in good], bad
-
-
 def _committed(
     index_dir: Path, space: str, identity: MethodIdentity, root: Path
 ) -> IndexSpace | None:
@@ -127,47 +100,67 @@ def _embed(
     pending: PendingRun,
     batch_size: int,
     workers: int,
+    threads: int,
     shard_size: int,
     progress: Progress,
 ) -> tuple[dict[str, np.ndarray], list[Failure]]:
     """Embed `files`; every `shard_size` vectors (and whatever is done when the run stops,
-    however it stops) are written to `pending` before anything else can go wrong."""
+    however it stops) are written to `pending` before anything else can go wrong.
+
+    The reader decodes the next batches while the encoder works (`circe.index.reader`), and
+    shards are written by a thread of their own, so that the encoder never waits for either;
+    a failed write (a full disk) is raised at the next batch."""
     raw = takes_raw_inputs(method)  # decoded images: the method preprocesses them itself
-    loader = DataLoader(
-        _Images(root, files, None if raw else method.backbone.preprocess),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-    )
     device = method.backbone.device
+    batches = read_batches(
+        root,
+        files,
+        None if raw else method.backbone.preprocess,
+        batch_size,
+        workers=workers,
+        threads=threads,
+        pin_memory=device.type == "cuda",
+    )
     vectors: dict[str, np.ndarray] = {}
     failures: list[Failure] = []
     buffer: list[tuple[ImageFile, np.ndarray]] = []
+    writer = ThreadPoolExecutor(1, thread_name_prefix="circe-shards")
+    writes: list[Future] = []
 
     def flush() -> None:
         if buffer:
-            pending.write([f for f, _ in buffer], np.stack([v for _, v in buffer]))
+            shard = np.stack([v for _, v in buffer])  # [n, D]
+            writes.append(writer.submit(pending.write, [f for f, _ in buffer], shard))
             buffer.clear()
 
+    def raise_failed_writes() -> None:
+        for write in [w for w in writes if w.done()]:
+            writes.remove(write)
+            write.result()
+
     try:
-        batches = progress(loader, len(loader), "embedding")
-        for positions, inputs, bad in batches:
-            failures += [Failure(files[p].path, error) for p, error in bad]
-            if not inputs:
+        for batch in progress(batches, -(-len(files) // batch_size), "embedding"):
+            failures += [Failure(files[p].path, error) for p, error in batch.failed]
+            if not batch.positions:
                 continue
             with torch.no_grad():
                 if raw:
-                    embedded = method.encode_target_images(inputs)
+                    embedded = method.encode_target_images(batch.inputs)
                 else:
-                    embedded = method.encode_targets(torch.stack(inputs).to(device))
-            embedded = embedded.float().cpu().numpy()
-            for position, vector in zip(positions, embedded, strict=True):  # vector: [D]
+                    pixels = batch.inputs.to(device, non_blocking=True)
+                    embedded = method.encode_targets(pixels)
+            embedded = embedded.float().cpu().numpy()  # [b, D]
+            for position, vector in zip(batch.positions, embedded, strict=True):
                 vectors[files[position].path] = vector
                 buffer.append((files[position], vector))
             if len(buffer) >= shard_size:
                 flush()
+            raise_failed_writes()
     finally:
         flush()
+        writer.shutdown(wait=True)  # every shard on disk before the run goes on or stops
+    for write in writes:
+        write.result()
     return vectors, failures
 
 
@@ -268,6 +261,7 @@ def build_index(
     space: str | None = None,
     batch_size: int = 64,
     workers: int = 0,
+    threads: int = AUTO,
     dtype: str = "float32",
     shard_size: int = 1024,
     engine_options: EngineOptions | None = None,
@@ -277,7 +271,9 @@ def build_index(
     """Bring the space `space` (default: the method's name) of `index_dir` up to date with
     the images under `root`; returns what was done. `pgvector`: a PostgreSQL connection
     string; the space's vectors are then searched on that server (`circe.index.pgvector`)
-    instead of in-process with FAISS."""
+    instead of in-process with FAISS. `workers` > 0 decodes images in that many processes,
+    else in `threads` threads (AUTO: the cores the encoder leaves free; 0: in turn with
+    encoding)."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     started = time.time()
@@ -307,7 +303,7 @@ def build_index(
             else:
                 todo.append(file)
         embedded, failures = _embed(
-            method, root, todo, pending, batch_size, workers, shard_size, progress
+            method, root, todo, pending, batch_size, workers, threads, shard_size, progress
         )
         vectors.update(embedded)
         indexed = [f for f in files if f.path in vectors]
