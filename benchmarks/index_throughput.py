@@ -6,10 +6,13 @@ One run measures:
    scan, decode, preprocess, embed, write shards, build the engine, commit) on a gallery
    of synthetic scenes (rendered once into /tmp, `--images`, 128 px PNGs), against the raw
    forward pass of the backbone on the same images already decoded and preprocessed in
-   memory, which is the most any build could reach. Decoding + preprocessing is timed on
-   its own too: it is where the rest of the time goes. Each is timed `--repeats` times,
-   interleaved, and the fastest run is kept (the machine is shared: the fastest run is the
-   one least disturbed).
+   memory, which is the most any build could reach. The build is timed with each way
+   `circe index` can decode: threads reading ahead of the encoder (the default), worker
+   processes (`--workers`), and decoding in turn with encoding (`--decode-threads 0`, the
+   build before reading ahead). Decoding + preprocessing is timed on its own too, on one
+   thread. Each is timed `--repeats` times, interleaved, and the fastest run is kept (the
+   machine is shared: the fastest run is the one least disturbed). The record says how
+   many cores the process had and how many threads torch and the reader used.
 2. Search: single-query latency (one query at a time, as the server runs them) of the
    engine `circe index` chooses by default (`build_engine` with default `EngineOptions`)
    against exact brute force (IndexFlatIP) at each of `--sizes` vectors, and the recall@10
@@ -45,13 +48,14 @@ import torch
 from index_recall import latencies_ms, make_vectors
 
 from circe.backbones import load_backbone
+from circe.data.images import load_rgb
 from circe.data.render import render_scene
 from circe.data.synthetic import random_scene
-from circe.data.images import load_rgb
 from circe.index.build import build_index
 from circe.index.engine import EngineOptions, build_engine, exact_top_k, recall_at_k
-from circe.index.files import scan_images
+from circe.index.files import scan_gallery
 from circe.index.identity import MethodSource
+from circe.index.reader import AUTO, available_cores, default_threads
 from circe.methods import create_method
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -79,16 +83,18 @@ def measure_build(args: argparse.Namespace) -> dict:
         args.image_size,
         args.seed,
     )
-    files, _ = scan_images(gallery)
+    files, _ = scan_gallery(gallery)
     backbone = load_backbone("default")
     method = create_method(args.method, backbone).eval()
 
-    # Decode + preprocess, the reader's share of a build; its output feeds the forward pass.
-    read_times = []
-    for _ in range(args.repeats):
+    def decode_all() -> tuple[float, torch.Tensor]:
+        """Decode + preprocess on one thread, the reader's share of a build: (s, pixels)."""
         started = time.perf_counter()
         pixels = torch.stack([backbone.preprocess(load_rgb(gallery / f.path)) for f in files])
-        read_times.append(time.perf_counter() - started)
+        return time.perf_counter() - started, pixels
+
+    seconds, pixels = decode_all()
+    read_times = [seconds]
     batches = torch.split(pixels, args.batch_size)  # each [b, 3, H, W]
 
     def forward() -> float:
@@ -98,7 +104,7 @@ def measure_build(args: argparse.Namespace) -> dict:
                 backbone.encode_image(batch)  # [b, D]
         return time.perf_counter() - started
 
-    def build() -> float:
+    def build(reader: dict) -> float:
         with tempfile.TemporaryDirectory(prefix="circe-bench-index-") as index_dir:
             started = time.perf_counter()
             report = build_index(
@@ -107,36 +113,53 @@ def measure_build(args: argparse.Namespace) -> dict:
                 method,
                 MethodSource(method=args.method),
                 batch_size=args.batch_size,
-                workers=args.workers,
+                **reader,
             )
             elapsed = time.perf_counter() - started
         if report.images != len(files) or report.failed:
             raise RuntimeError(f"the benchmark gallery did not index cleanly: {report}")
         return elapsed
 
+    readers = {  # how `circe index` can decode: the default first
+        "threads": {"threads": args.decode_threads},
+        "processes": {"workers": args.workers},
+        "in turn": {"threads": 0},
+    }
     forward()  # warm-up: first calls allocate and pick kernels
-    forward_times, build_times = [], []
-    for _ in range(args.repeats):  # interleaved, so that a busy spell hits both alike
+    forward_times = []
+    build_times: dict[str, list[float]] = {name: [] for name in readers}
+    for _ in range(args.repeats):  # interleaved, so that a busy spell hits all alike
         forward_times.append(forward())
-        build_times.append(build())
+        read_times.append(decode_all()[0])
+        for name, reader in readers.items():
+            build_times[name].append(build(reader))
     count = len(files)
     forward_rate = count / min(forward_times)
-    build_rate = count / min(build_times)
+    threads = args.decode_threads if args.decode_threads != AUTO else default_threads()
     return {
         "images": count,
         "image_size": args.image_size,
         "method": args.method,
         "backbone": backbone.identity.short(),
         "batch_size": args.batch_size,
+        "cores": available_cores(),
+        "torch_threads": torch.get_num_threads(),
+        "decode_threads": threads,
         "workers": args.workers,
         "repeats": args.repeats,
         "forward_images_per_s": round(forward_rate, 1),
         "decode_preprocess_images_per_s": round(count / min(read_times), 1),
-        "build_images_per_s": round(build_rate, 1),
-        "build_vs_forward": round(build_rate / forward_rate, 3),
+        "builds": [
+            {
+                "reader": name,
+                "images_per_s": round(count / min(times), 1),
+                "vs_forward": round(count / min(times) / forward_rate, 3),
+                "seconds": [round(t, 2) for t in times],
+            }
+            for name, times in build_times.items()
+        ],
         "forward_s": [round(t, 2) for t in forward_times],
         "decode_preprocess_s": [round(t, 2) for t in read_times],
-        "build_s": [round(t, 2) for t in build_times],
     }
 
 
@@ -178,6 +201,14 @@ def measure_search(count: int, args: argparse.Namespace) -> dict:
     return {"vectors": count, "dim": args.dim, "reason": chosen.choice.reason, "rows": rows}
 
 
+def _reader_label(build: dict, record: dict) -> str:
+    return {
+        "threads": f"{record['decode_threads']} decoding thread(s) ahead (default)",
+        "processes": f"{record['workers']} decoding process(es) ahead (`--workers`)",
+        "in turn": "decoding in turn with encoding (`--decode-threads 0`)",
+    }[build["reader"]]
+
+
 def markdown(record: dict) -> str:
     b = record["build"]
     lines = [
@@ -192,19 +223,24 @@ def markdown(record: dict) -> str:
         "",
         (
             f"{b['images']:,} synthetic scenes ({b['image_size']} px PNGs), method `{b['method']}` on "
-            f"`{b['backbone']}`, batch {b['batch_size']}, {b['workers']} decoding workers; "
-            f"fastest of {b['repeats']} interleaved runs. The forward pass runs on pixels already "
-            "decoded and preprocessed in memory: the most a build can reach."
+            f"`{b['backbone']}`, batch {b['batch_size']}; {b['cores']} cores, torch on "
+            f"{b['torch_threads']} thread(s); fastest of {b['repeats']} interleaved runs. The "
+            "forward pass runs on pixels already decoded and preprocessed in memory: the most a "
+            "build can reach."
         ),
         "",
         "| stage | images/s | vs forward pass |",
         "|---|---|---|",
         f"| backbone forward pass (the limit) | {b['forward_images_per_s']:,} | 1.00 |",
         (
-            f"| decode + preprocess only | {b['decode_preprocess_images_per_s']:,} "
+            f"| decode + preprocess only, one thread | {b['decode_preprocess_images_per_s']:,} "
             f"| {b['decode_preprocess_images_per_s'] / b['forward_images_per_s']:.2f} |"
         ),
-        f"| `circe index` build path | {b['build_images_per_s']:,} | {b['build_vs_forward']:.2f} |",
+        *(
+            f"| `circe index` build, {_reader_label(build, b)} | {build['images_per_s']:,} "
+            f"| {build['vs_forward']:.2f} |"
+            for build in b["builds"]
+        ),
         "",
         "## Search: the default engine vs exact brute force",
         "",
@@ -237,7 +273,12 @@ def main() -> None:
     parser.add_argument("--gallery", help="where to render it (default /tmp/circe-bench-...)")
     parser.add_argument("--method", default="sum")
     parser.add_argument("--batch-size", type=int, default=64, help="as `circe index`")
-    parser.add_argument("--workers", type=int, default=0, help="as `circe index --workers`")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes of the processes row (`--workers`)"
+    )
+    parser.add_argument(
+        "--decode-threads", type=int, default=AUTO, help="threads of the default row (auto)"
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--dim", type=int, default=128, help="128: circe-tiny; 512: ViT-B")

@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from test_index import render_gallery
 
 from circe.index.build import build_index
 from circe.index.files import scan_gallery
@@ -15,7 +16,6 @@ from circe.index.pending import PendingRun
 from circe.index.reader import read_batches
 from circe.index.store import IndexStoreError, open_space
 from circe.methods import create_method
-from test_index import render_gallery
 
 SUM = MethodSource(method="sum")
 

@@ -100,16 +100,34 @@ def index_command(
             "a connection string, e.g. postgresql://USER@HOST/DB (not stored in the index)."
         ),
     ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            help="Embed on a Ray cluster: 'local' (a Ray instance on this machine), 'auto' "
+            "(the cluster this machine joined) or its address (HOST:6379, ray://HOST:10001). "
+            "PATH and the weights must be on storage every node mounts at the same path. "
+            "Needs circe[ray]."
+        ),
+    ] = None,
+    ray_actors: Annotated[int, typer.Option(min=1, help="Ray: method copies at once.")] = 2,
+    ray_gpus: Annotated[
+        float, typer.Option(min=0, help="Ray: GPUs per actor (0.5: two share one).")
+    ] = 0.0,
+    ray_cpus: Annotated[float, typer.Option(min=0.1, help="Ray: CPUs per actor.")] = 1.0,
 ) -> None:
     """Embed every image under PATH into an index (only new or changed images on re-runs;
     an interrupted run resumes)."""
     from circe.index.build import build_index, unchanged_report
     from circe.index.engine import EngineOptions
+    from circe.index.ray_embed import RayOptions, RayUnavailableError
     from circe.index.reader import AUTO
 
     source = _source(method, checkpoint, backbone, weights)
     index_dir = out or path / DEFAULT_INDEX_NAME
     try:
+        cluster = None
+        if ray is not None:
+            cluster = RayOptions(ray, ray_actors, ray_gpus, ray_cpus, batch_size)
         # A re-run over an unchanged folder is told from the files, without loading the model.
         report = unchanged_report(path, index_dir, source, space, dtype, pgvector)
         report = report or build_index(
@@ -125,8 +143,9 @@ def index_command(
             engine_options=EngineOptions(exact_below=exact_below, approximate=approximate),
             progress=track,
             pgvector=pgvector,
+            ray=cluster,
         )
-    except _USER_ERRORS as error:
+    except (*_USER_ERRORS, RayUnavailableError) as error:
         raise fail(str(error)) from None
     except KeyboardInterrupt:
         console.print(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,10 @@ from circe.backbones import DEFAULT_NAME, DEFAULT_WEIGHTS_PATH, file_sha256
 from circe.index.engine import EngineOptions, build_engine
 from circe.index.files import Failure, ImageFile, scan_gallery
 from circe.index.identity import MethodIdentity, MethodSource, identity_of
-from circe.index.pending import PendingRun
+from circe.index.pending import PendingRun, ShardWriter
 from circe.index.pgvector import KINDS as PGVECTOR_KINDS
 from circe.index.pgvector import build_pgvector_engine, prune_tables
+from circe.index.ray_embed import RayOptions, embed_with_ray
 from circe.index.reader import AUTO, read_batches
 from circe.index.store import (
     IndexSpace,
@@ -97,19 +97,17 @@ def _embed(
     method: CIRMethod,
     root: Path,
     files: list[ImageFile],
-    pending: PendingRun,
+    shards: ShardWriter,
     batch_size: int,
     workers: int,
     threads: int,
-    shard_size: int,
     progress: Progress,
 ) -> tuple[dict[str, np.ndarray], list[Failure]]:
-    """Embed `files`; every `shard_size` vectors (and whatever is done when the run stops,
-    however it stops) are written to `pending` before anything else can go wrong.
+    """Embed `files` in this process; every vector goes to `shards` as it is made.
 
     The reader decodes the next batches while the encoder works (`circe.index.reader`), and
-    shards are written by a thread of their own, so that the encoder never waits for either;
-    a failed write (a full disk) is raised at the next batch."""
+    shards are written by a thread of their own, so that the encoder never waits for
+    either."""
     raw = takes_raw_inputs(method)  # decoded images: the method preprocesses them itself
     device = method.backbone.device
     batches = read_batches(
@@ -123,44 +121,20 @@ def _embed(
     )
     vectors: dict[str, np.ndarray] = {}
     failures: list[Failure] = []
-    buffer: list[tuple[ImageFile, np.ndarray]] = []
-    writer = ThreadPoolExecutor(1, thread_name_prefix="circe-shards")
-    writes: list[Future] = []
-
-    def flush() -> None:
-        if buffer:
-            shard = np.stack([v for _, v in buffer])  # [n, D]
-            writes.append(writer.submit(pending.write, [f for f, _ in buffer], shard))
-            buffer.clear()
-
-    def raise_failed_writes() -> None:
-        for write in [w for w in writes if w.done()]:
-            writes.remove(write)
-            write.result()
-
-    try:
-        for batch in progress(batches, -(-len(files) // batch_size), "embedding"):
-            failures += [Failure(files[p].path, error) for p, error in batch.failed]
-            if not batch.positions:
-                continue
-            with torch.no_grad():
-                if raw:
-                    embedded = method.encode_target_images(batch.inputs)
-                else:
-                    pixels = batch.inputs.to(device, non_blocking=True)
-                    embedded = method.encode_targets(pixels)
-            embedded = embedded.float().cpu().numpy()  # [b, D]
-            for position, vector in zip(batch.positions, embedded, strict=True):
-                vectors[files[position].path] = vector
-                buffer.append((files[position], vector))
-            if len(buffer) >= shard_size:
-                flush()
-            raise_failed_writes()
-    finally:
-        flush()
-        writer.shutdown(wait=True)  # every shard on disk before the run goes on or stops
-    for write in writes:
-        write.result()
+    for batch in progress(batches, -(-len(files) // batch_size), "embedding"):
+        failures += [Failure(files[p].path, error) for p, error in batch.failed]
+        if not batch.positions:
+            continue
+        with torch.no_grad():
+            if raw:
+                embedded = method.encode_target_images(batch.inputs)
+            else:
+                pixels = batch.inputs.to(device, non_blocking=True)
+                embedded = method.encode_targets(pixels)
+        embedded = embedded.float().cpu().numpy()  # [b, D]
+        for position, vector in zip(batch.positions, embedded, strict=True):
+            vectors[files[position].path] = vector
+            shards.add(files[position], vector)
     return vectors, failures
 
 
@@ -267,13 +241,15 @@ def build_index(
     engine_options: EngineOptions | None = None,
     progress: Progress = no_progress,
     pgvector: str | None = None,
+    ray: RayOptions | None = None,
 ) -> IndexReport:
     """Bring the space `space` (default: the method's name) of `index_dir` up to date with
     the images under `root`; returns what was done. `pgvector`: a PostgreSQL connection
     string; the space's vectors are then searched on that server (`circe.index.pgvector`)
     instead of in-process with FAISS. `workers` > 0 decodes images in that many processes,
     else in `threads` threads (AUTO: the cores the encoder leaves free; 0: in turn with
-    encoding)."""
+    encoding). `ray`: embed on a Ray cluster instead (`circe.index.ray_embed`; `batch_size`,
+    `workers` and `threads` are then the actors' business)."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     started = time.time()
@@ -302,9 +278,18 @@ def build_index(
                 resumed.add(file.path)
             else:
                 todo.append(file)
-        embedded, failures = _embed(
-            method, root, todo, pending, batch_size, workers, threads, shard_size, progress
-        )
+        # Every vector is in a pending shard before the run goes on or stops, however it
+        # stops: the next run resumes from them.
+        shards = ShardWriter(pending, shard_size)
+        try:
+            if ray is None:
+                embedded, failures = _embed(
+                    method, root, todo, shards, batch_size, workers, threads, progress
+                )
+            else:
+                embedded, failures = embed_with_ray(identity, root, todo, shards, ray, progress)
+        finally:
+            shards.close()
         vectors.update(embedded)
         indexed = [f for f in files if f.path in vectors]
         fresh = resumed | set(embedded)

@@ -15,6 +15,7 @@ import json
 import shutil
 import uuid
 import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +87,40 @@ class PendingRun:
     def clear(self) -> None:
         """The run is committed: its shards are no longer needed."""
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class ShardWriter:
+    """Vectors as they are embedded, written to `pending` every `shard_size` of them by a
+    thread of their own, so that the encoder never waits for the disk. A write that failed
+    (a full disk) is raised at the next `add`; `close` writes the rest and waits for every
+    write, also when the run stops on an error, so that nothing embedded is lost."""
+
+    def __init__(self, pending: PendingRun, shard_size: int):
+        self.pending, self.shard_size = pending, shard_size
+        self.files: list[ImageFile] = []
+        self.vectors: list[np.ndarray] = []
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="circe-shards")
+        self.writes: list[Future] = []
+
+    def add(self, file: ImageFile, vector: np.ndarray) -> None:
+        for write in [w for w in self.writes if w.done()]:
+            self.writes.remove(write)
+            write.result()
+        self.files.append(file)
+        self.vectors.append(vector)
+        if len(self.files) >= self.shard_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.files:
+            shard = np.stack(self.vectors)  # [n, D]
+            self.writes.append(self.thread.submit(self.pending.write, self.files, shard))
+            self.files, self.vectors = [], []
+
+    def close(self) -> None:
+        try:
+            self._flush()
+        finally:
+            self.thread.shutdown(wait=True)
+        for write in self.writes:
+            write.result()

@@ -61,13 +61,19 @@ class _Images(Dataset):
         return len(self.files)
 
     def __getitem__(self, position: int) -> tuple[int, Any, str | None]:
-        try:
-            image = load_rgb(self.root / self.files[position].path)
-            return position, image if self.preprocess is None else self.preprocess(image), None
-        # User files can fail to decode in any way Pillow knows (truncated data, decompression
-        # bombs, unsupported modes): each is reported, none may stop the run.
-        except Exception as error:  # noqa: BLE001
-            return position, None, f"{type(error).__name__}: {error}"
+        return position, *decode(self.root / self.files[position].path, self.preprocess)
+
+
+def decode(path: Path, preprocess: Callable | None = None) -> tuple[Any, str | None]:
+    """(the image at `path`, preprocessed when `preprocess` is given, None), or (None, the
+    error) for a file that does not decode."""
+    try:
+        image = load_rgb(path)
+        return (image if preprocess is None else preprocess(image)), None
+    # User files can fail to decode in any way Pillow knows (truncated data, decompression
+    # bombs, unsupported modes): each is reported, none may stop the run.
+    except Exception as error:  # noqa: BLE001
+        return None, f"{type(error).__name__}: {error}"
 
 
 def _collate(items: list[tuple[int, Any, str | None]]) -> ReadBatch:
