@@ -23,9 +23,21 @@ class ContrastiveObjective(nn.Module):
     methods only); both go through the method's own encoders, so the loss is the same.
     """
 
-    def __init__(self, method: CIRMethod, temperature: float, learn_temperature: bool):
+    def __init__(
+        self,
+        method: CIRMethod,
+        temperature: float,
+        learn_temperature: bool,
+        learned_as: str = "log-temperature",
+    ):
         super().__init__()
         self.method = method
+        # The logits are cos / τ = cos × s. One of the two is stored: log τ (CLIP's way, and
+        # the only one for a fixed τ) or the scale s itself (DQU-CIR's code learns s from 10).
+        self.learned_as = learned_as if learn_temperature else "log-temperature"
+        if self.learned_as == "scale":
+            self.logit_scale = nn.Parameter(torch.tensor(1.0 / temperature))
+            return
         log_temperature = torch.tensor(math.log(temperature))
         if learn_temperature:
             self.log_temperature = nn.Parameter(log_temperature)
@@ -36,6 +48,9 @@ class ContrastiveObjective(nn.Module):
 
     @property
     def temperature(self) -> torch.Tensor:
+        if self.learned_as == "scale":
+            # The same bound on the scale (≤ 100), and a positive one from below.
+            return 1.0 / self.logit_scale.clamp(min=1e-3, max=1.0 / MIN_TEMPERATURE)
         return self.log_temperature.exp().clamp(min=MIN_TEMPERATURE)
 
     def forward(self, batch: Batch | FeatureBatch) -> torch.Tensor:
