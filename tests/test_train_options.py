@@ -238,6 +238,23 @@ def test_gradient_checkpointing_is_refused_where_it_cannot_work(config, tmp_path
         train(config.replace(gradient_checkpointing=True), tmp_path / "run", progress=False)
 
 
+def test_a_resnet_image_tower_cannot_checkpoint_and_says_so(tmp_path):
+    """open_clip's ModifiedResNet accepts the switch and does nothing: circe refuses."""
+    from test_backbones import RESNET_CFG, _tiny_openclip
+
+    from circe.backbones import load_backbone
+    from circe.train.trainer import _checkpoint_gradients
+
+    config, weights, _ = _tiny_openclip(tmp_path, f"resnet-{tmp_path.name}", RESNET_CFG)
+    backbone = load_backbone(f"open_clip:{config}", weights=weights)
+    method = create_method("dqu-cir", backbone, finetune="full")
+    with pytest.raises(ValueError, match=r"dqu-cir on open_clip:.*ModifiedResNet has no gradient"):
+        _checkpoint_gradients(method, "dqu-cir")
+    method = create_method("dqu-cir", backbone, finetune="text")  # the text tower can
+    _checkpoint_gradients(method, "dqu-cir")
+    assert method.backbone.model.transformer.grad_checkpointing
+
+
 # -- mixed precision on a CPU ---------------------------------------------------------------
 
 
