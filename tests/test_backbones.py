@@ -581,3 +581,26 @@ def test_a_token_method_on_a_tower_without_tokens_is_refused_before_any_data(tmp
     )
     with pytest.raises(ValueError, match="method tmcir fuses .*pools by attention"):
         train(run, tmp_path / "run", progress=False)
+
+
+def test_a_timm_tower_without_a_class_token_gets_its_mean_in_front():
+    """SigLIP's timm ViTs have no class token: the tokens' mean stands in front of the
+    patches, and the pooled output is the tower's own forward."""
+    from types import SimpleNamespace
+
+    import timm
+
+    from circe.backbones.openclip import OpenClipBackbone
+
+    torch.manual_seed(0)
+    trunk = timm.create_model(
+        "vit_tiny_patch16_224", class_token=False, global_pool="avg", num_classes=0
+    ).eval()
+    visual = SimpleNamespace(trunk=trunk, head=torch.nn.Identity())
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        pooled, seq = OpenClipBackbone._timm_tokens(visual, pixels)
+        assert torch.equal(pooled, trunk(pixels))
+        assert seq.shape == (2, 1 + 14 * 14, 192)
+        torch.testing.assert_close(seq[:, 0], seq[:, 1:].mean(dim=1))
+        assert torch.equal(seq[:, 1:], trunk.forward_features(pixels))
