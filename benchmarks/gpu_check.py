@@ -24,6 +24,7 @@ Writes benchmarks/results/gpu_check.json and gpu_check.md. Without CUDA it refus
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -173,6 +174,7 @@ def measure(name: str, weights: Path, root: Path, steps: int, checkpointing: boo
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
     }
     del trainer
+    gc.collect()  # the run's model and optimizer state, before the bare measurement
     torch.cuda.empty_cache()
     backbone = load_backbone(config.backbone, weights, "cuda")
     bare_batch = min(config.batch_size, BARE_BATCH)
@@ -188,8 +190,12 @@ def measure(name: str, weights: Path, root: Path, steps: int, checkpointing: boo
 
 
 def torchrun(name: str, weights: Path, root: Path, steps: int, work: Path) -> dict:
-    """The recipe under torchrun on every GPU (DDP through accelerate): its figures."""
-    gpus = torch.cuda.device_count()
+    """The recipe under torchrun on as many GPUs as split its batch evenly (DDP through
+    accelerate; every process takes an equal share of each batch): its figures."""
+    from circe.train.config import TrainConfig
+
+    batch = TrainConfig.from_yaml(PAPER / f"{name}.yaml").batch_size
+    gpus = max(n for n in range(1, torch.cuda.device_count() + 1) if batch % n == 0)
     out = work / f"{name}-torchrun.json"
     command = [
         sys.executable,
