@@ -270,9 +270,12 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
 
 
+@pytest.mark.parametrize("method", ["combiner-ft", "dwc"])
 def test_bf16_mixed_precision_runs_the_towers_in_bf16(
-    config, tmp_path, monkeypatch, fresh_accelerate_state
+    config, tmp_path, monkeypatch, fresh_accelerate_state, method
 ):
+    """The towers and the fusion run in bf16; the loss in float32 (DWC's same-target test,
+    a similarity above 1 - 1e-4, never holds in bf16: its loss was NaN)."""
     dtypes = []
     original = torch.nn.Linear.forward
 
@@ -283,12 +286,18 @@ def test_bf16_mixed_precision_runs_the_towers_in_bf16(
 
     monkeypatch.setattr(torch.nn.Linear, "forward", spy)
     config = config.replace(
-        method="combiner-ft", mixed_precision="bf16", device="cpu", epochs=1, eval_every=0
+        method=method, mixed_precision="bf16", device="cpu", epochs=1, eval_every=0
     )
     train(config, tmp_path / "run", progress=False)
     assert torch.bfloat16 in dtypes
     losses = [r["loss"] for r in read_log(tmp_path / "run", "step")]
     assert all(math.isfinite(loss) for loss in losses)
+
+
+def test_fp16_on_a_cpu_is_refused_rather_than_run_in_float32(config, tmp_path):
+    config = config.replace(mixed_precision="fp16", device="cpu")
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        train(config, tmp_path / "run", progress=False)
 
 
 # -- the selection metric -------------------------------------------------------------------

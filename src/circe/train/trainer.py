@@ -95,9 +95,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _mixed_precision(config: TrainConfig) -> str:
+    on_cpu = config.device == "cpu" or not torch.cuda.is_available()
+    if config.mixed_precision == "fp16" and on_cpu:
+        # accelerate takes the setting on a CPU and trains in float32 without a word.
+        raise ValueError(
+            "mixed_precision fp16 needs a GPU (on a CPU, accelerate would train in float32 "
+            "without saying so): use bf16 or no on a CPU"
+        )
     if config.mixed_precision != "auto":
         return config.mixed_precision
-    if config.device == "cpu" or not torch.cuda.is_available():
+    if on_cpu:
         return "no"  # CPU autocast is slower than float32 for these small models
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
