@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from benchmark_fixtures import (
     F200K_TRAIN,
     FIQ_CATEGORIES,
@@ -213,3 +214,29 @@ def test_a_recipe_runs_a_step_on_its_real_architecture_at_random_init(
     result = train(config, tmp_path / "run", progress=False)
     assert not result.finished
     assert (tmp_path / "run" / "last" / "model.safetensors").is_file()
+
+
+def _cli(*args) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from circe.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, " ".join(result.output.split())  # undo rich's line wrapping
+
+
+def test_the_whole_command_names_what_is_missing_before_any_work(
+    tmp_path, monkeypatch, fresh_accelerate_state
+):
+    """`circe train --config RECIPE --root DATA` in a folder without the recipe's weights
+    says which file to put where; on a CPU an fp16 recipe says it needs a GPU. One line
+    each, exit code 2, nothing trained."""
+    monkeypatch.chdir(tmp_path)
+    root = write_cirr(tmp_path / "cirr")
+    code, text = _cli("train", "--config", PAPER / "far-net-cirr.yaml", "--root", root)
+    assert code == 2 and "weights file not found" in text, text
+    assert str(tmp_path / "weights" / "ViT-L-14-openai.safetensors") in text
+    assert "Traceback" not in text and not (tmp_path / "runs").exists()
+    code, text = _cli("train", "--config", PAPER / "dqu-cir-cirr.yaml", "--root", root)
+    expected = "weights file not found" if torch.cuda.is_available() else "fp16 needs a GPU"
+    assert code == 2 and expected in text, text
