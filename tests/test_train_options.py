@@ -233,6 +233,36 @@ def test_gradient_checkpointing_of_a_transformers_clip(tmp_path):
     _check_checkpointing(backbone, lambda b: b.model.vision_model.encoder.layers[0].mlp)
 
 
+def test_a_run_resumes_with_gradient_checkpointing_switched_on(config, tmp_path, monkeypatch):
+    """The same activations, recomputed: the resumed run ends where the straight one does."""
+    from safetensors.torch import load_file
+
+    from circe.backbones.openclip import OpenClipBackbone
+    from circe.train.trainer import resume
+
+    switched = []
+    original = OpenClipBackbone.enable_gradient_checkpointing
+
+    def spy(self, towers):
+        switched.append(towers)
+        original(self, towers)
+
+    monkeypatch.setattr(OpenClipBackbone, "enable_gradient_checkpointing", spy)
+
+    config = config.replace(method="combiner-ft", epochs=1, eval_every=0)
+    train(config, tmp_path / "whole", progress=False)
+    train(config.replace(max_steps=3), tmp_path / "parts", progress=False)
+    resume(tmp_path / "parts", {"gradient_checkpointing": True}, progress=False)
+    assert switched == [frozenset({"text"})]  # the resumed invocation, on the trained tower
+    saved = json.loads((tmp_path / "parts" / "config.json").read_text())
+    assert saved["gradient_checkpointing"] is False  # the run's own config is kept
+    whole, parts = (
+        load_file(str(tmp_path / r / "last" / "model.safetensors")) for r in ("whole", "parts")
+    )
+    for name in whole:
+        torch.testing.assert_close(parts[name], whole[name], atol=1e-6, rtol=1e-5)
+
+
 def test_gradient_checkpointing_is_refused_where_it_cannot_work(config, tmp_path):
     with pytest.raises(ValueError, match="combiner trains no backbone tower"):
         train(config.replace(gradient_checkpointing=True), tmp_path / "run", progress=False)

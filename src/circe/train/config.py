@@ -13,7 +13,11 @@ from circe.train.selection import check_selection_metric
 
 # Fields that may differ when a run is resumed: they change how the run is executed, not what
 # it computes (anything else would make the resumed run a different run).
-RESUMABLE_OVERRIDES = frozenset({"max_steps", "workers", "threads", "cache_dir", "eval_batch_size"})
+# Gradient checkpointing recomputes the same activations (with the same random state), so a
+# run may be resumed with it switched, e.g. on a GPU with less memory.
+RESUMABLE_OVERRIDES = frozenset(
+    {"max_steps", "workers", "threads", "cache_dir", "eval_batch_size", "gradient_checkpointing"}
+)
 
 
 @dataclass
