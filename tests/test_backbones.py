@@ -487,3 +487,120 @@ def test_what_turns_inputs_into_tensors_is_part_of_the_identity_and_the_cache_ke
         lengths[name] = (backbone.tokenize(["a"]).shape[1], backbone.identity.inputs_sha256)
     assert lengths["long"][0] != lengths["short"][0]
     assert lengths["long"][1] != lengths["short"][1]
+
+
+# ------------------------------------------------------------------------------------------
+# (e) token sequences of the other image towers, and the refusal where there are none
+# ------------------------------------------------------------------------------------------
+
+TEXT_CFG = TINY_CFG["text_cfg"]
+# SigLIP's image tower in miniature: a timm ViT without a class token, attention-pooled
+# ("map"), no projection (so the embedding is the trunk's width, 192 for vit_tiny). timm
+# builds it at its own input size, 224.
+TIMM_CFG = {
+    "embed_dim": 192,
+    "vision_cfg": {
+        "image_size": 224,
+        "timm_model_name": "vit_tiny_patch16_224",
+        "timm_model_pretrained": False,
+        "timm_pool": "map",
+        "timm_proj": "none",
+    },
+    "text_cfg": TEXT_CFG,
+}
+# An open_clip ModifiedResNet (RN50's kind) with one bottleneck per stage.
+RESNET_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16},
+    "text_cfg": TEXT_CFG,
+}
+# A CoCa-style tower that pools by attention over its tokens: no token sequence is read.
+ATTENTION_POOLED_CFG = {
+    **TINY_CFG,
+    "vision_cfg": {**TINY_CFG["vision_cfg"], "attentional_pool": True, "attn_pooler_queries": 4},
+}
+
+
+@pytest.mark.parametrize(
+    ("cfg", "tokens"),
+    [(TIMM_CFG, 1 + (224 // 16) ** 2), (RESNET_CFG, 1 + (64 // 32) ** 2)],
+    ids=["timm-siglip-like", "resnet"],
+)
+def test_timm_and_resnet_towers_give_token_sequences(tmp_path, cfg, tokens):
+    """A summary token first (timm's ViT: its class token; the ResNet, which has none: the
+    mean), then one per patch or map position; the pooled output is the plain forward's,
+    exactly."""
+    name = _unique(tmp_path, "towers")
+    config, weights, model = _tiny_openclip(tmp_path, name, cfg)
+    bb = load_backbone(f"open_clip:{config}", weights=weights)
+    size = cfg["vision_cfg"]["image_size"]
+    pixels = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        pooled, seq, mask = bb.encode_image(pixels, tokens=True)
+        assert torch.equal(pooled, model.encode_image(pixels))
+        assert seq.shape[:2] == (2, tokens) and mask.shape == (2, tokens) and mask.all()
+        if "timm_model_name" in cfg["vision_cfg"]:
+            assert torch.equal(seq, model.visual.trunk.forward_features(pixels))
+        else:
+            torch.testing.assert_close(seq[:, 0], seq[:, 1:].mean(dim=1))
+            visual = model.visual
+            feature_map = pixels
+            for stage in (visual.stem, visual.layer1, visual.layer2, visual.layer3, visual.layer4):
+                feature_map = stage(feature_map)  # [2, 512, 2, 2] at the end
+            assert torch.equal(seq[:, 1:], feature_map.flatten(2).transpose(1, 2))
+    (image_len, _), (text_len, _) = bb.token_shapes()
+    assert (image_len, text_len) == (tokens, 16)
+
+    from circe.methods import create_method
+
+    method = create_method("far-net", bb).eval()
+    with torch.no_grad():
+        queries = method.encode_queries(pixels, ["a cat", "a red dog"])
+    assert queries.shape == (2, cfg["embed_dim"])
+    torch.testing.assert_close(queries.norm(dim=-1), torch.ones(2))
+
+
+def test_a_token_method_on_a_tower_without_tokens_is_refused_before_any_data(tmp_path):
+    from circe.backbones import TokensUnsupportedError
+    from circe.methods import create_method
+    from circe.train import TrainConfig, train
+
+    config, weights, _ = _tiny_openclip(tmp_path, _unique(tmp_path, "coca"), ATTENTION_POOLED_CFG)
+    bb = load_backbone(f"open_clip:{config}", weights=weights)
+    with pytest.raises(
+        TokensUnsupportedError, match=r"method far-net fuses .* backbone open_clip:"
+    ):
+        create_method("far-net", bb)
+    # The trainer builds the method before it reads any data: a data root that does not
+    # exist is never reached.
+    run = TrainConfig(
+        method="tmcir",
+        backbone=f"open_clip:{config}",
+        backbone_weights=str(weights),
+        root=str(tmp_path / "no-data-here"),
+    )
+    with pytest.raises(ValueError, match="method tmcir fuses .*pools by attention"):
+        train(run, tmp_path / "run", progress=False)
+
+
+def test_a_timm_tower_without_a_class_token_gets_its_mean_in_front():
+    """SigLIP's timm ViTs have no class token: the tokens' mean stands in front of the
+    patches, and the pooled output is the tower's own forward."""
+    from types import SimpleNamespace
+
+    import timm
+
+    from circe.backbones.openclip import OpenClipBackbone
+
+    torch.manual_seed(0)
+    trunk = timm.create_model(
+        "vit_tiny_patch16_224", class_token=False, global_pool="avg", num_classes=0
+    ).eval()
+    visual = SimpleNamespace(trunk=trunk, head=torch.nn.Identity())
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        pooled, seq = OpenClipBackbone._timm_tokens(visual, pixels)
+        assert torch.equal(pooled, trunk(pixels))
+        assert seq.shape == (2, 1 + 14 * 14, 192)
+        torch.testing.assert_close(seq[:, 0], seq[:, 1:].mean(dim=1))
+        assert torch.equal(seq[:, 1:], trunk.forward_features(pixels))

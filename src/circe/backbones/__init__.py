@@ -23,6 +23,7 @@ from circe.backbones.base import (
     Backbone,
     BackboneIdentity,
     CorruptWeightsError,
+    TokensUnsupportedError,
     WeightsNotFoundError,
 )
 
@@ -38,6 +39,7 @@ __all__ = [
     "CorruptWeightsError",
     "HFClipBackbone",
     "OpenClipBackbone",
+    "TokensUnsupportedError",
     "WeightsNotFoundError",
     "build_openclip_model",
     "file_sha256",

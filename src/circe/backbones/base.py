@@ -30,6 +30,11 @@ class CorruptWeightsError(ValueError):
     """Raised when a weights file cannot be read at all: truncated, or not a checkpoint."""
 
 
+class TokensUnsupportedError(ValueError):
+    """Raised when a method that fuses token sequences meets a tower that cannot give them
+    (a ValueError: a choice the user made, refused before any data is read)."""
+
+
 # How many names of missing, unexpected or reshaped tensors an error shows (a wrong
 # architecture mismatches hundreds; the first few say which way it is wrong).
 SHOWN_KEYS = 3
@@ -161,13 +166,29 @@ class Backbone(torch.nn.Module, ABC):
     @torch.no_grad()
     def token_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """(L, W) of the image and of the text `tokens=True` sequences (methods size their
-        token projections with them). Default: read off one probe forward of each tower."""
+        token projections with them, when they are built). Default: read off one probe
+        forward of each tower; a tower without token sequences is `TokensUnsupportedError`."""
         size = self.identity.image_size
-        _, image_tokens, _ = self.encode_image(
-            torch.zeros(1, 3, size, size, device=self.device), tokens=True
-        )
-        _, text_tokens, _ = self.encode_text(self.tokenize(["a"]).to(self.device), tokens=True)
+        try:
+            _, image_tokens, _ = self.encode_image(
+                torch.zeros(1, 3, size, size, device=self.device), tokens=True
+            )
+            _, text_tokens, _ = self.encode_text(self.tokenize(["a"]).to(self.device), tokens=True)
+        except NotImplementedError as error:
+            raise TokensUnsupportedError(
+                f"backbone {self.identity.spec} gives no token sequences: {error}"
+            ) from None
         return tuple(image_tokens.shape[1:]), tuple(text_tokens.shape[1:])
+
+    def train_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """PIL image -> `[3, H, W]` with training-time augmentation (random crops), ending
+        in the same tensor layout and normalisation as `preprocess`."""
+        raise NotImplementedError(f"{type(self).__name__} has no training transform")
+
+    def enable_gradient_checkpointing(self, towers: frozenset[str]) -> None:
+        """Recompute the activations of `towers` ("image", "text") in the backward pass;
+        `NotImplementedError` naming the tower where it cannot."""
+        raise NotImplementedError(f"{type(self).__name__} has no gradient checkpointing")
 
     def input_files(self) -> list[Path]:
         """Files besides the weights that shape how inputs become tensors (a transformers

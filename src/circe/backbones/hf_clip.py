@@ -271,6 +271,44 @@ class HFClipBackbone(Backbone):
     def token_strings(self, token_ids: torch.Tensor) -> list[list[str]]:
         return [self._tokenizer.convert_ids_to_tokens(row) for row in token_ids.tolist()]
 
+    def train_transform(self):
+        """Our equivalent of open_clip's training transform, with this model's own size and
+        normalisation: a random crop of 90-100 % of the image, resized to the model's
+        input (bicubic), then the processor's mean and std."""
+        from torchvision import transforms
+
+        size = self.identity.image_size
+        return transforms.Compose(
+            [
+                transforms.RandomResizedCrop(
+                    size, scale=(0.9, 1.0), interpolation=transforms.InterpolationMode.BICUBIC
+                ),
+                transforms.Lambda(lambda image: image.convert("RGB")),
+                transforms.ToTensor(),
+                transforms.Normalize(self._processor.image_mean, self._processor.image_std),
+            ]
+        )
+
+    def enable_gradient_checkpointing(self, towers: frozenset[str]) -> None:
+        # transformers 5 renamed the switch (the old name warns that it will go in v6).
+        no_reentrant = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=no_reentrant)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=no_reentrant)
+        encoders = {"image": self.model.vision_model.encoder, "text": self.model.text_model.encoder}
+        self._checkpointed = [layer for tower in towers for layer in encoders[tower].layers]
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> HFClipBackbone:
+        super().train(mode)
+        # transformers checkpoints a layer only while that layer is in training mode, and
+        # circe runs a fine-tuned tower in eval mode (no dropout): the checkpointed layers
+        # keep their own flag up, their submodules (the dropouts) stay as set.
+        for layer in getattr(self, "_checkpointed", ()):
+            layer.training = True
+        return self
+
     # -- towers --------------------------------------------------------------------------------
 
     def encode_image(self, pixels: torch.Tensor, tokens: bool = False):

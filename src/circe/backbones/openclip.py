@@ -182,7 +182,8 @@ class _DropRandomInitWarning(logging.Filter):
 
 
 def _build(arch_or_config_path: str | Path, device: Any = "cpu", weights_follow: bool = False):
-    """-> (arch name, model [train mode], eval preprocess, tokenizer); random init, offline."""
+    """-> (arch name, model [train mode], (train, eval) preprocess, tokenizer); random init,
+    offline."""
     name, file_preprocess = _resolve_arch(arch_or_config_path)
     _check_offline(name)
     pp = {**_tag_preprocess(name), **file_preprocess}  # the config file's own settings win
@@ -190,7 +191,7 @@ def _build(arch_or_config_path: str | Path, device: Any = "cpu", weights_follow:
     if weights_follow:
         logging.getLogger().addFilter(quiet)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
+        model, train_preprocess, preprocess = open_clip.create_model_and_transforms(
             name,
             pretrained=None,
             device=device,
@@ -203,12 +204,12 @@ def _build(arch_or_config_path: str | Path, device: Any = "cpu", weights_follow:
     finally:
         logging.getLogger().removeFilter(quiet)
     tokenizer = open_clip.get_tokenizer(name)
-    return name, model, preprocess, tokenizer
+    return name, model, (train_preprocess, preprocess), tokenizer
 
 
 def build_openclip_model(arch_or_config_path: str | Path, device: Any = "cpu"):
     """Randomly initialised open_clip model -> `(model, preprocess, tokenizer)` (train mode)."""
-    _, model, preprocess, tokenizer = _build(arch_or_config_path, device=device)
+    _, model, (_, preprocess), tokenizer = _build(arch_or_config_path, device=device)
     return model, preprocess, tokenizer
 
 
@@ -263,17 +264,24 @@ class OpenClipBackbone(Backbone):
 
     Token sequences (`tokens=True`) are captured with forward hooks, because open_clip's own
     `output_tokens` differs across versions (and drops the class token):
-      - image: the hidden states leaving `visual.transformer`, passed through `visual.ln_post`
-        -> `[B, 1 + N, W]`, class token first then the N patches. This equals the tensor
-        open_clip pools from (it applies ln_post to the whole sequence) and also covers
-        `final_ln_after_pool` towers, where open_clip normalises only the pooled token.
-        open_clip <= 2.24 runs towers sequence-first (its Transformer has no `batch_first`).
+      - image, ViT tower: the hidden states leaving `visual.transformer`, passed through
+        `visual.ln_post` -> `[B, 1 + N, W]`, class token first then the N patches. This
+        equals the tensor open_clip pools from (it applies ln_post to the whole sequence) and
+        also covers `final_ln_after_pool` towers, where open_clip normalises only the pooled
+        token. open_clip <= 2.24 runs towers sequence-first (no `batch_first`).
+      - image, timm tower (SigLIP's, timm ViTs and ConvNets): the trunk's `forward_features`
+        (a ViT's normed tokens, prefix tokens first; a ConvNet's map, flattened), then its own
+        head on the same tensor for the pooled output.
+      - image, ResNet tower (RN50 ...): the map leaving `layer4`, flattened -> `[B, N, C]`.
+      A tower without a class token gets the mean of its tokens in front (what a ResNet's
+      attention pool prepends itself), so position 0 always summarises the image and the
+      patches follow, as the methods' explanations expect.
       - text: the output of the text tower's `ln_final` -> `[B, L, W]` (batch-first in every
         version; CLIP keeps the text tower inline as `model.ln_final`, CustomTextCLIP has
         `model.text.ln_final`).
     The pooled output returned alongside is the very same forward's result, so it equals the
-    `tokens=False` output exactly. Timm / ResNet image towers, attention-pooled (CoCa) towers
-    and HF text towers support `tokens=False` only.
+    `tokens=False` output exactly. Attention-pooled (CoCa) ViT towers and HF text towers
+    support `tokens=False` only.
     """
 
     image_tower_prefixes = ("model.visual.",)
@@ -291,11 +299,12 @@ class OpenClipBackbone(Backbone):
         super().__init__()
         _refuse_remote_arch(str(arch))
         path = resolve_local_weights(weights, missing_hint)
-        name, model, preprocess, tokenizer = _build(arch, weights_follow=True)
+        name, model, (train_preprocess, preprocess), tokenizer = _build(arch, weights_follow=True)
         load_openclip_weights(model, path)
         self.model = model.to(device)
         self.eval()  # the wrapper too, so `bb.training` is False and train() flips both
         self._preprocess = preprocess
+        self._train_preprocess = train_preprocess
         self._tokenizer = tokenizer
         self._eot_id, self._pad_id = _special_token_ids(tokenizer)
 
@@ -348,21 +357,78 @@ class OpenClipBackbone(Backbone):
         if not tokens:
             return self.model.encode_image(pixels, normalize=False)  # [B, D]
         visual = self.model.visual
-        if not (hasattr(visual, "transformer") and hasattr(visual, "ln_post")) or (
-            getattr(visual, "attn_pool", None) is not None
+        if hasattr(visual, "trunk"):  # open_clip's TimmModel
+            pooled, seq = self._timm_tokens(visual, pixels)
+        elif hasattr(visual, "layer4") and hasattr(visual, "attnpool"):  # ModifiedResNet
+            with _OutputCapture(visual.layer4) as captured:
+                pooled = self.model.encode_image(pixels, normalize=False)  # [B, D]
+            seq = _with_summary(captured[-1].flatten(2).transpose(1, 2))  # [B, 1 + HW, C]
+        elif (
+            hasattr(visual, "transformer")
+            and hasattr(visual, "ln_post")
+            and getattr(visual, "attn_pool", None) is None
         ):
+            with _OutputCapture(visual.transformer) as captured:
+                pooled = self.model.encode_image(pixels, normalize=False)  # [B, D]
+            hidden = captured[-1]
+            if not hasattr(visual.transformer, "batch_first"):  # open_clip <= 2.24: [1+N, B, W]
+                hidden = hidden.permute(1, 0, 2)
+            seq = visual.ln_post(hidden)  # [B, 1 + N, W]
+        else:
             raise NotImplementedError(
-                f"tokens=True needs an open_clip VisionTransformer image tower without attention "
-                f"pooling; {type(visual).__name__} is not one"
+                f"its image tower {type(visual).__name__} pools by attention over its tokens "
+                "(CoCa-style), and circe reads no token sequence from it"
             )
-        with _OutputCapture(visual.transformer) as captured:
-            pooled = self.model.encode_image(pixels, normalize=False)  # [B, D]
-        hidden = captured[-1]
-        if not hasattr(visual.transformer, "batch_first"):  # open_clip <= 2.24: [1 + N, B, W]
-            hidden = hidden.permute(1, 0, 2)
-        seq = visual.ln_post(hidden)  # [B, 1 + N, W]
         mask = torch.ones(seq.shape[:2], dtype=torch.bool, device=seq.device)  # [B, 1 + N]
         return pooled, seq, mask
+
+    @staticmethod
+    def _timm_tokens(visual, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled `[B, D]`, tokens `[B, 1 + N, W]`) of an open_clip TimmModel: its forward
+        (`head(trunk(x))`, trunk = `forward_head(forward_features(x))`) split where the
+        tokens are."""
+        trunk = visual.trunk
+        features = trunk.forward_features(pixels)  # [B, P + N, W] (ViT) or [B, C, H, W]
+        pooled = visual.head(trunk.forward_head(features))  # [B, D]
+        if features.ndim == 4:
+            return pooled, _with_summary(features.flatten(2).transpose(1, 2))
+        if getattr(trunk, "num_prefix_tokens", 0) == 0:  # SigLIP: patches only
+            return pooled, _with_summary(features)
+        return pooled, features
+
+    def train_transform(self):
+        """open_clip's own training transform for this architecture (the second of
+        `create_model_and_transforms`: RandomResizedCrop at scale 0.9-1, then as `preprocess`)."""
+        return self._train_preprocess
+
+    def enable_gradient_checkpointing(self, towers: frozenset[str]) -> None:
+        model = self.model
+        if "image" in towers:
+            visual = model.visual
+            if hasattr(visual, "trunk"):  # timm: its own switch, which says when it cannot
+                try:
+                    visual.trunk.set_grad_checkpointing(True)
+                except Exception as error:  # noqa: BLE001  (timm raises what the model raises)
+                    raise NotImplementedError(
+                        f"its timm image tower {type(visual.trunk).__name__} cannot: {error}"
+                    ) from None
+            elif hasattr(visual, "transformer"):
+                visual.set_grad_checkpointing(True)
+            else:  # open_clip's ModifiedResNet accepts the call and does nothing
+                raise NotImplementedError(
+                    f"its image tower {type(visual).__name__} has no gradient checkpointing "
+                    "(open_clip checkpoints transformer blocks only)"
+                )
+        if "text" in towers:
+            text = getattr(model, "text", None)
+            if hasattr(model, "transformer"):  # CLIP: the text transformer is on the model
+                model.transformer.grad_checkpointing = True
+            elif hasattr(text, "set_grad_checkpointing"):
+                text.set_grad_checkpointing(True)
+            else:
+                raise NotImplementedError(
+                    f"its text tower {type(text).__name__} has no gradient checkpointing"
+                )
 
     def encode_text(self, token_ids: torch.Tensor, tokens: bool = False):
         if not tokens:
@@ -386,6 +452,11 @@ class OpenClipBackbone(Backbone):
             f"tokens=True is not supported for the text tower of {type(model).__name__} "
             f"({type(text).__name__})"
         )
+
+
+def _with_summary(tokens: torch.Tensor) -> torch.Tensor:
+    """`[B, N, W]` -> `[B, 1 + N, W]`: the tokens' mean in front, where a class token sits."""
+    return torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)
 
 
 class _OutputCapture:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from circe.backbones.base import Backbone
+from circe.backbones.base import Backbone, TokensUnsupportedError
 from circe.data.types import CIRSplit, RawQuery
 from circe.methods.inputs import FeaturePairs, Pairs, TokenFeatures
 from circe.progress import Progress
@@ -387,4 +387,10 @@ def method_class(name: str) -> type[CIRMethod]:
 
 
 def create_method(name: str, backbone: Backbone, **config) -> CIRMethod:
-    return method_class(name)(backbone, **config)
+    cls = method_class(name)
+    try:
+        return cls(backbone, **config)
+    except TokensUnsupportedError as error:  # raised while the method sizes its layers
+        raise TokensUnsupportedError(
+            f"method {name} fuses the token sequences of both towers, and {error}"
+        ) from None

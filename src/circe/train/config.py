@@ -9,20 +9,26 @@ from typing import Any
 
 import yaml
 
+from circe.train.selection import check_selection_metric
+
 # Fields that may differ when a run is resumed: they change how the run is executed, not what
 # it computes (anything else would make the resumed run a different run).
-RESUMABLE_OVERRIDES = frozenset({"max_steps", "workers", "threads", "cache_dir", "eval_batch_size"})
+# Gradient checkpointing recomputes the same activations (with the same random state), so a
+# run may be resumed with it switched, e.g. on a GPU with less memory.
+RESUMABLE_OVERRIDES = frozenset(
+    {"max_steps", "workers", "threads", "cache_dir", "eval_batch_size", "gradient_checkpointing"}
+)
 
 
 @dataclass
 class TrainConfig:
     """How to train one method on one data set.
 
-    Model selection: after every `eval_every` epochs the method is evaluated on `eval_split`
-    with `circe.eval.evaluate.evaluate`; the selection score is the mean of R@1, R@10 and
-    R@50 (R@1 alone is too noisy on a few hundred validation queries). `best` is the
-    checkpoint with the highest score; training stops after `patience` evaluations without
-    improvement.
+    Model selection: after every `eval_every` epochs the method is evaluated on `eval_split`;
+    the selection score is `selection_metric` (by default the mean of R@1, R@10 and R@50 of
+    `circe.eval.evaluate.evaluate`: R@1 alone is too noisy on a few hundred validation
+    queries; `circe.train.selection` for the data sets' own). `best` is the checkpoint with
+    the highest score; training stops after `patience` evaluations without improvement.
     """
 
     method: str = "combiner"
@@ -44,11 +50,24 @@ class TrainConfig:
     grad_accum_steps: int = 1
     lr: float = 2e-3  # fusion (non-backbone) parameters
     backbone_lr: float = 1e-5  # backbone parameters, for methods that train the backbone
-    weight_decay: float = 0.05  # matrices only; biases, norms and the temperature get none
-    warmup_steps: int = 50  # linear warm-up, then cosine decay to 0 at the last step
+    weight_decay: float = 0.05
+    # Which parameters decay: "matrices" (biases, norms and the temperature get none) or
+    # "all" (AdamW on every parameter, as DQU-CIR's code does).
+    weight_decay_on: str = "matrices"
+    # The learning rate after the warm-up: "cosine" (decay to 0 at the last step),
+    # "constant" (CLIP4Cir's Combiner), or "step" (× `lr_gamma` at the start of each epoch
+    # listed in `lr_milestones`, counted from 0: DQU-CIR's ×0.1 at epoch index 7 is [7]).
+    lr_schedule: str = "cosine"
+    lr_milestones: list[int] = field(default_factory=list)
+    lr_gamma: float = 0.1
+    warmup_steps: int = 50  # linear warm-up over these steps (0: none), then `lr_schedule`
     max_grad_norm: float | None = 1.0  # None: no clipping
-    temperature: float = 0.05  # initial softmax temperature of the contrastive loss
-    learn_temperature: bool = True
+    # The contrastive loss's logits are cos / temperature, i.e. cos × logit scale (1 / τ).
+    temperature: float = 0.05  # its initial value (CLIP4Cir: 0.01 = scale 100)
+    learn_temperature: bool = True  # False: fixed (CLIP4Cir's fixed scale 100)
+    # What is learned: "log-temperature" (log τ, as CLIP learns its scale) or "scale" (the
+    # multiplicative logit scale 1/τ itself, as DQU-CIR's code does, starting at 10).
+    temperature_learned_as: str = "log-temperature"
     mixed_precision: str = "auto"  # auto (bf16/fp16 on GPU, off on CPU) | no | fp16 | bf16
     device: str = "auto"  # auto (a GPU when there is one, else CPU) | cpu
 
@@ -57,6 +76,15 @@ class TrainConfig:
     text_noise: float = 0.0
 
     feature_cache: bool = True  # reuse frozen-backbone features across epochs and runs
+    # Training-time image augmentation (the backbone's train transform: open_clip's
+    # RandomResizedCrop at scale 0.9-1) on every training image. Augmented pixels differ every
+    # epoch, so no image feature can be cached: it needs `feature_cache: false`, said in the
+    # config so that a reader sees the cost.
+    augment: bool = False
+    # Recompute the trained towers' activations in the backward pass instead of keeping them
+    # (less memory for ViT-H-size towers, about a third more compute). Refused for a method
+    # that trains no tower, and for a tower that cannot (open_clip's ResNets).
+    gradient_checkpointing: bool = False
     cache_dir: str = ".cache/circe/features"
 
     # The split whose pairs train the method: `train`, or a held-out one for a method that
@@ -69,6 +97,12 @@ class TrainConfig:
     eval_split: str = "val"
     eval_every: int = 1  # epochs between validations; 0: never (then `best` = `last`)
     patience: int | None = 5  # validations without improvement before stopping; None: never
+    # What picks `best` (`circe.train.selection`): "r1-r10-r50" (the mean of R@1, R@10, R@50
+    # over the whole eval split), "avg" (the data set's own headline: CIRR's (R@5 +
+    # Rsubset@1) / 2, FashionIQ's mean over categories of (R@10 + R@50) / 2), or
+    # "sum:M1,M2,..." (the sum of those metrics of the data set's own set, e.g. DQU-CIR's
+    # "sum:R@10,R@50" on FashionIQ).
+    selection_metric: str = "r1-r10-r50"
     # Splits the best checkpoint is scored on at the end (the synthetic benchmark's by default).
     test_splits: list[str] = field(default_factory=lambda: ["test", "test_phrasing", "test_unseen"])
     eval_batch_size: int = 256
@@ -80,6 +114,11 @@ class TrainConfig:
     # oversubscription, which slows the small matrix products of a fusion module tenfold.
     threads: int = 0
     log_every: int = 10  # optimizer steps between metrics.jsonl step records
+
+    # What the paper reports for this recipe (a paper config's numbers, in percent, by split
+    # and metric, e.g. {"val": {"R@10": 61.97}}): recorded with the run for comparison,
+    # never read by training.
+    reported: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -107,6 +146,28 @@ class TrainConfig:
             raise ValueError(f"text_noise must be a fraction in [0, 1], got {self.text_noise}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+        _one_of("weight_decay_on", self.weight_decay_on, ("matrices", "all"))
+        _one_of("lr_schedule", self.lr_schedule, ("cosine", "constant", "step"))
+        _one_of("temperature_learned_as", self.temperature_learned_as, ("log-temperature", "scale"))
+        if self.lr_schedule == "step" and not self.lr_milestones:
+            raise ValueError("lr_schedule step needs lr_milestones: the epochs where it steps")
+        if self.lr_milestones and self.lr_schedule != "step":
+            raise ValueError(f"lr_milestones are for lr_schedule step, not {self.lr_schedule}")
+        if any(m < 1 for m in self.lr_milestones) or self.lr_milestones != sorted(
+            set(self.lr_milestones)
+        ):
+            raise ValueError(
+                f"lr_milestones must be increasing epochs from 1, got {self.lr_milestones}"
+            )
+        if not 0 < self.lr_gamma <= 1:
+            raise ValueError(f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
+        if self.augment and self.feature_cache:
+            raise ValueError(
+                "augment: true changes every training image every epoch, so no feature can be "
+                "cached: set feature_cache: false as well"
+            )
+        check_selection_metric(self.selection_metric)
+        _check_reported(self.reported)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,6 +197,25 @@ class TrainConfig:
             return cls.from_dict(values)
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path}: {error}") from None
+
+
+def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_reported(reported: dict[str, Any], where: str = "reported") -> None:
+    """A paper's numbers: mappings down to numbers (split -> metric -> percent). A wrong
+    type is a ValueError, as every config mistake is (`_check_types`)."""
+    for key, value in reported.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{where} keys must be text, got {key!r}")  # noqa: TRY004
+        if isinstance(value, dict):
+            _check_reported(value, f"{where}.{key}")
+        elif not isinstance(value, int | float) or isinstance(value, bool):
+            raise ValueError(  # noqa: TRY004
+                f"{where}.{key} must be a number or a mapping, got {value!r}"
+            )
 
 
 # The annotation of each field, as the checks below read it (annotations are strings here).
@@ -177,6 +257,8 @@ def _fits(value: Any, kind: str) -> bool:
         return isinstance(value, _SIMPLE[kind])
     if kind == "list[str]":
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind == "list[int]":
+        return isinstance(value, list) and all(_fits(v, "int") for v in value)
     if kind.startswith("dict["):
         return isinstance(value, dict)
     raise TypeError(f"no check for the field type {kind!r}")  # a new field's type: add it

@@ -23,9 +23,21 @@ class ContrastiveObjective(nn.Module):
     methods only); both go through the method's own encoders, so the loss is the same.
     """
 
-    def __init__(self, method: CIRMethod, temperature: float, learn_temperature: bool):
+    def __init__(
+        self,
+        method: CIRMethod,
+        temperature: float,
+        learn_temperature: bool,
+        learned_as: str = "log-temperature",
+    ):
         super().__init__()
         self.method = method
+        # The logits are cos / τ = cos × s. One of the two is stored: log τ (CLIP's way, and
+        # the only one for a fixed τ) or the scale s itself (DQU-CIR's code learns s from 10).
+        self.learned_as = learned_as if learn_temperature else "log-temperature"
+        if self.learned_as == "scale":
+            self.logit_scale = nn.Parameter(torch.tensor(1.0 / temperature))
+            return
         log_temperature = torch.tensor(math.log(temperature))
         if learn_temperature:
             self.log_temperature = nn.Parameter(log_temperature)
@@ -36,6 +48,9 @@ class ContrastiveObjective(nn.Module):
 
     @property
     def temperature(self) -> torch.Tensor:
+        if self.learned_as == "scale":
+            # The same bound on the scale (≤ 100), and a positive one from below.
+            return 1.0 / self.logit_scale.clamp(min=1e-3, max=1.0 / MIN_TEMPERATURE)
         return self.log_temperature.exp().clamp(min=MIN_TEMPERATURE)
 
     def forward(self, batch: Batch | FeatureBatch) -> torch.Tensor:
@@ -51,6 +66,9 @@ class ContrastiveObjective(nn.Module):
             queries = self.method.encode_queries(batch.reference_pixels, batch.texts)
             targets = self.method.encode_targets(batch.target_pixels)
         # [B, D] each, B = b * processes: every query sees the targets of the global batch.
-        return self.method.embedding_loss(
-            gather_batch(queries), gather_batch(targets), self.temperature, self.state
-        )
+        queries, targets = gather_batch(queries).float(), gather_batch(targets).float()
+        # The loss in float32 even under mixed precision: logits at scale up to 100 and
+        # similarity thresholds near 1 (DWC's same-target test) are lost in bf16's three
+        # digits (DWC's loss was NaN). Nothing changes in a float32 run.
+        with torch.autocast(queries.device.type, enabled=False):
+            return self.method.embedding_loss(queries, targets, self.temperature, self.state)

@@ -53,13 +53,7 @@ from circe.train.data import (
 )
 from circe.train.objective import ContrastiveObjective
 from circe.train.runlog import RunLog
-
-SELECTION_KS = (1, 10, 50)
-SELECTION_METRIC = "mean of R@1, R@10, R@50 on the validation split"
-
-
-def selection_score(metrics: dict[str, float]) -> float:
-    return sum(metrics[f"R@{k}"] for k in SELECTION_KS) / len(SELECTION_KS)
+from circe.train.selection import Selection, describe
 
 
 @dataclass
@@ -101,31 +95,54 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _mixed_precision(config: TrainConfig) -> str:
+    on_cpu = config.device == "cpu" or not torch.cuda.is_available()
+    if config.mixed_precision == "fp16" and on_cpu:
+        # accelerate takes the setting on a CPU and trains in float32 without a word.
+        raise ValueError(
+            "mixed_precision fp16 needs a GPU (on a CPU, accelerate would train in float32 "
+            "without saying so): use bf16 or no on a CPU"
+        )
     if config.mixed_precision != "auto":
         return config.mixed_precision
-    if config.device == "cpu" or not torch.cuda.is_available():
+    if on_cpu:
         return "no"  # CPU autocast is slower than float32 for these small models
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay to 0 at step `total`."""
+def _lr_factor(
+    step: int,
+    warmup: int,
+    total: int,
+    schedule: str = "cosine",
+    milestone_steps: tuple[int, ...] = (),
+    gamma: float = 1.0,
+) -> float:
+    """Linear warm-up over `warmup` steps, then `schedule`: cosine decay to 0 at step
+    `total`, constant, or × `gamma` at each of `milestone_steps` (step)."""
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "step":
+        return gamma ** sum(step >= milestone for milestone in milestone_steps)
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _param_groups(objective: ContrastiveObjective, config: TrainConfig) -> list[dict]:
-    """Backbone and fusion parameters at their own learning rates; weight decay on matrices."""
+    """The optimizer's groups: "backbone" (the trained towers, at `backbone_lr`) and
+    "fusion" (everything else: the method's own layers and the temperature, at `lr`), each
+    split by whether it decays (`weight_decay_on`: matrices only, or all)."""
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, parameter in objective.named_parameters():
         if parameter.requires_grad:
-            key = (name.startswith("method.backbone."), parameter.ndim >= 2)
+            decays = config.weight_decay_on == "all" or parameter.ndim >= 2
+            key = (name.startswith("method.backbone."), decays)
             groups.setdefault(key, []).append(parameter)
     return [
         {
             "params": params,
+            "name": "backbone" if is_backbone else "fusion",
             "lr": config.backbone_lr if is_backbone else config.lr,
             "weight_decay": config.weight_decay if decays else 0.0,
         }
@@ -163,7 +180,13 @@ class Trainer:
         backbone = load_backbone(config.backbone, config.backbone_weights, self.accelerator.device)
         method: CIRMethod = create_method(config.method, backbone, **config.method_config)
         self.method = method
-        self.objective = ContrastiveObjective(method, config.temperature, config.learn_temperature)
+        if config.gradient_checkpointing:
+            _checkpoint_gradients(method, config.method)
+        # Before any data is read: a backbone without a training transform is refused here.
+        self.augmentation = _train_transform(backbone) if config.augment else None
+        self.objective = ContrastiveObjective(
+            method, config.temperature, config.learn_temperature, config.temperature_learned_as
+        )
         self.objective.to(self.accelerator.device)
 
         split = load_split(config.dataset, config.root, config.train_split, config.protocol)
@@ -173,8 +196,14 @@ class Trainer:
         self.pairs = Pairs.from_split(self.train_split)
         if config.text_noise:
             self.pairs = self.pairs.with_text_noise(config.text_noise, config.seed)
-        self.eval_split = (
-            load_split(config.dataset, config.root, config.eval_split, config.protocol)
+        self.selection = (
+            Selection(
+                config.selection_metric,
+                config.dataset,
+                config.root,
+                config.eval_split,
+                config.protocol,
+            )
             if config.eval_every
             else None
         )
@@ -185,8 +214,12 @@ class Trainer:
         self.total_steps = config.epochs * self.steps_per_epoch
         optimizer = torch.optim.AdamW(_param_groups(self.objective, config))
         warmup = min(config.warmup_steps, self.total_steps)
+        milestones = tuple(epoch * self.steps_per_epoch for epoch in config.lr_milestones)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: _lr_factor(step, warmup, self.total_steps)
+            optimizer,
+            lambda step: _lr_factor(
+                step, warmup, self.total_steps, config.lr_schedule, milestones, config.lr_gamma
+            ),
         )
         # The scheduler is stepped by hand once per optimizer step (accelerate's prepared
         # scheduler steps once per process, which would change the schedule with the
@@ -210,7 +243,11 @@ class Trainer:
                 self.pairs, self.config.eval_batch_size, self.config.workers, progress
             )
         if feed.source == "pixels":
-            return PixelPairs(self.pairs, method.backbone.preprocess, query_preparation(method))
+            self.cache_report = {"used": False, "why": self._why_pixels()}
+            if self.show_progress:
+                print(f"feature cache off: {self.cache_report['why']}")
+            preprocess = self.augmentation or method.backbone.preprocess
+            return PixelPairs(self.pairs, preprocess, query_preparation(method))
         started = time.time()
         cache = FeatureCache(self.config.cache_dir)
         gallery, batch = self.train_split.gallery, self.config.eval_batch_size
@@ -306,6 +343,18 @@ class Trainer:
         }
         return FeaturePairs(self.pairs, images, text_features, queries)
 
+    def _why_pixels(self) -> str:
+        """Why the trainer decodes pixels every step (results.json and the console say so)."""
+        method, config = self.method, self.config
+        if "image" in method.inputs.trains:
+            return (
+                f"{config.method} trains its image tower, so its image features change every step"
+            )
+        if not config.feature_cache:
+            augmented = " (augment: true changes every image every epoch)" if config.augment else ""
+            return f"feature_cache: false{augmented}"
+        return f"{config.method} runs its backbone on pixels itself"
+
     # -- checkpoints -----------------------------------------------------------------------
 
     def _trained_weights(self) -> dict[str, torch.Tensor]:
@@ -372,15 +421,10 @@ class Trainer:
         """(val metrics, improved) on the main process; the decision is shared by all."""
         decision: list[Any] = [None, False]
         if self.is_main:
-            result = evaluate(
-                self.method,
-                self.eval_split,
-                ks=SELECTION_KS,
-                batch_size=self.config.eval_batch_size,
-                workers=self.config.workers,
+            val = self.selection.score(
+                self.method, self.config.eval_batch_size, self.config.workers
             )
-            score = selection_score(result.metrics)
-            decision = [{**result.metrics, "score": score}, score > position.best_score]
+            decision = [val, val["score"] > position.best_score]
         decision = broadcast_object_list(decision)
         self.model.train()
         return decision[0], decision[1]
@@ -525,7 +569,7 @@ class Trainer:
             "method": self.config.method,
             "dataset": self.config.dataset,
             "config": self.config.to_dict(),
-            "selection_metric": SELECTION_METRIC,
+            "selection_metric": describe(self.config.selection_metric),
             "best_epoch": position.best_epoch,
             "best_val_score": None if position.best_score == -math.inf else position.best_score,
             "epochs_run": position.epoch,
@@ -550,9 +594,33 @@ def _epoch_line(record: dict[str, Any]) -> str:
     line = f"epoch {record['epoch'] + 1}: train loss {record['train_loss']:.4f}"
     if "val" in record:
         val = record["val"]
-        recalls = ", ".join(f"R@{k} {val[f'R@{k}']:.1f}" for k in SELECTION_KS)
+        recalls = ", ".join(f"{name} {value:.1f}" for name, value in val.items() if name != "score")
         line += f"; val {recalls} (score {val['score']:.2f})"
     return line + f"; best epoch {record['best_epoch'] + 1}"
+
+
+def _checkpoint_gradients(method: CIRMethod, name: str) -> None:
+    """Gradient checkpointing on the towers `method` trains, or a refusal naming why not."""
+    towers = method.inputs.trains
+    if not towers:
+        raise ValueError(
+            f"gradient_checkpointing: {name} trains no backbone tower (its backbone runs "
+            "without gradients), so there are no activations to recompute; leave it off"
+        )
+    try:
+        method.backbone.enable_gradient_checkpointing(towers)
+    except NotImplementedError as error:
+        raise ValueError(
+            f"gradient_checkpointing for {name} on {method.backbone.identity.spec}: {error}"
+        ) from None
+
+
+def _train_transform(backbone):
+    """The backbone's training augmentation, or a refusal naming the backbone."""
+    try:
+        return backbone.train_transform()
+    except NotImplementedError as error:
+        raise ValueError(f"augment: {backbone.identity.spec}: {error}") from None
 
 
 def _no_progress(items, total, description):
