@@ -121,3 +121,34 @@ def test_bad_queries_fail_in_the_callers_thread(searcher):
     assert batcher.stats()["queries"] == 0
     with pytest.raises(ValueError, match="max_batch"):
         BatchOptions(max_batch=0)
+
+
+def test_an_upload_that_is_slow_to_decode_holds_no_other_request(searcher, monkeypatch):
+    """Uploads are decoded in their own request's thread, before joining a batch: one that
+    takes long (a huge image, a slow client) delays only itself."""
+    import circe.serve.app
+
+    asked = queries(searcher, 6)
+    slow_upload = asked[0][1]["image"][1]
+    decoding, release = threading.Event(), threading.Event()
+    decode = circe.serve.app.decode_upload
+
+    def decode_slowly(data, limits):
+        if data == slow_upload:
+            decoding.set()
+            assert release.wait(timeout=60), "the test never released the slow upload"
+        return decode(data, limits)
+
+    monkeypatch.setattr(circe.serve.app, "decode_upload", decode_slowly)
+    app = create_app(searcher, batching=TOGETHER)
+    with TestClient(app) as client, ThreadPoolExecutor(1) as slow_pool:
+        slow = slow_pool.submit(client.post, "/search", data=asked[0][0], files=asked[0][1])
+        try:
+            assert decoding.wait(timeout=30)
+            others = [q for q in asked[1:] if q[1] is None or q[1]["image"][1] != slow_upload]
+            for data, files in others:  # answered while the slow upload is still decoding
+                assert ranked(client.post("/search", data=data, files=files))
+            assert not slow.done()
+        finally:
+            release.set()
+        assert ranked(slow.result(timeout=60))
