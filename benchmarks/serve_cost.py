@@ -33,7 +33,7 @@ import torch
 
 # Run as a script, this file's folder is on sys.path: the load, the server and the query mix
 # are serve_load's, so that both benchmarks measure the same requests.
-from serve_load import TEXTS, Server, load, png, prepare_index
+from serve_load import TEXTS, Server, load, png, prepare_index, publish
 
 from circe.data.render import render_scene
 from circe.data.synthetic import random_scene
@@ -158,12 +158,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "runs": runs,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serve_cost.json").write_text(json.dumps(record, indent=2) + "\n")
-    (args.out / "serve_cost.md").write_text(markdown(record))
-    print(markdown(record))
-    if any(run["server_errors"] for run in runs):
-        sys.exit("server errors (5xx or dropped connections) under load: see serve_cost.json")
+    publish(record, args.out, "serve_cost", markdown(record))
 
 
 if __name__ == "__main__":

@@ -201,6 +201,17 @@ async def load(url: str, server_pid: int, clients: int, seconds: float, seed: in
     }
 
 
+def publish(record: dict, out: Path, stem: str, text: str) -> None:
+    """Write `stem`.json and `stem`.md under `out`, print the table, and fail the script when
+    any run of the record saw server errors."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    print(text)
+    if any(run["server_errors"] for run in record["runs"]):
+        sys.exit(f"server errors (5xx or dropped connections) under load: see {stem}.json")
+
+
 def markdown(record: dict) -> str:
     lines = [
         "# `circe serve` under load",
@@ -264,12 +275,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "runs": runs,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serve_load.json").write_text(json.dumps(record, indent=2) + "\n")
-    (args.out / "serve_load.md").write_text(markdown(record))
-    print(markdown(record))
-    if any(run["server_errors"] for run in runs):
-        sys.exit("server errors (5xx or dropped connections) under load: see serve_load.json")
+    publish(record, args.out, "serve_load", markdown(record))
 
 
 if __name__ == "__main__":
