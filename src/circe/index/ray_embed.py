@@ -18,7 +18,6 @@ refuses to embed otherwise: vectors of two models in one space would be silently
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +124,6 @@ def _connect(ray, address: str) -> bool:
             address=None if address == "local" else address,
             include_dashboard=False,
             logging_level=logging.WARNING,
-            log_to_driver=True,
         )
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise RayUnavailableError(f"cannot start or reach Ray at {address!r}: {error}") from None
@@ -155,9 +153,9 @@ def embed_with_ray(
             return vectors, []
         embedded = ray.data.from_items(items).map_batches(
             EmbeddingActor,
+            # The identity travels as its plain record: its source holds only paths and names.
             fn_constructor_kwargs={
-                # The identity travels as JSON: its source holds only paths and names.
-                "identity": json.loads(json.dumps(identity.to_json())),
+                "identity": identity.to_json(),
                 "threads": int(options.cpus_per_actor),
             },
             batch_size=options.batch_size,
