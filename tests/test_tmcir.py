@@ -348,7 +348,7 @@ def token_inputs(method, texts):
 
 
 def test_token_weights_are_a_distribution_over_the_real_tokens(tiny_backbone):
-    method = randomised(create_method("tmcir", tiny_backbone))
+    method = randomised(create_method("tmcir-token-weights", tiny_backbone))
     texts = ["make the small red circle large", "remove it"]
     image, text = token_inputs(method, texts)
     with torch.no_grad():
@@ -383,12 +383,12 @@ def test_mean_pooling_halves_the_weight_between_the_modalities(tiny_backbone):
     torch.testing.assert_close(weights[:, n:], expected)
     # A new TMCIR starts as mean pooling (its scorer's last layer is zero).
     with torch.no_grad():
-        start = create_method("tmcir", tiny_backbone).fusion(image, text).weights
+        start = create_method("tmcir-token-weights", tiny_backbone).fusion(image, text).weights
     torch.testing.assert_close(start, weights)
 
 
 def test_explain_names_each_token_with_its_weight(tiny_backbone):
-    method = randomised(create_method("tmcir", tiny_backbone))
+    method = randomised(create_method("tmcir-token-weights", tiny_backbone))
     size = tiny_backbone.identity.image_size
     texts = ["make the circle red", "add a small blue square"]
     report = method.explain(torch.randn(2, 3, size, size), texts)
@@ -401,3 +401,91 @@ def test_explain_names_each_token_with_its_weight(tiny_backbone):
         assert abs(total - 1) < 1e-5
         assert abs(report["image_share"][row] + report["text_share"][row] - 1) < 1e-6
         assert abs(report["text_share"][row] - sum(w for _, w in tokens)) < 1e-5
+
+
+# -- the token merge --------------------------------------------------------------------------
+
+
+def test_the_merge_folds_the_patches_most_like_a_word_into_it(tiny_backbone):
+    method = randomised(create_method("tmcir", tiny_backbone, merge_ratio=0.25))
+    fusion = method.fusion
+    texts = ["make the small red circle large", "remove it"]
+    image, text = token_inputs(method, texts)
+    with torch.no_grad():
+        fused = fusion(image, text)
+    n = image.tokens.shape[1]
+    merged = fused.merged_into  # [B, N]: word index or -1
+    assert fusion.merged_patches == round(0.25 * (n - 1))
+    assert ((merged >= 0).sum(dim=1) == fusion.merged_patches).all()
+    assert (merged[:, 0] == -1).all()  # the class token stays
+    for row in range(2):  # patches merge into real words only, and leave the weighting
+        words = merged[row][merged[row] >= 0]
+        assert text.mask[row, words].all()
+        assert (fused.weights[row, :n][merged[row] >= 0] == 0).all()
+    torch.testing.assert_close(fused.weights.sum(dim=1), torch.ones(2))
+
+    # On states made by hand: the patch that is a copy of word 2 is the one merged, into word
+    # 2, and with weight 1 a copy changes nothing; an opposite patch is not merged.
+    d = fusion.image_positions.shape[1]
+    generator = torch.Generator().manual_seed(3)
+    image_states, text_states = torch.randn(1, 5, d, generator=generator), torch.randn(1, 4, d)
+    image_states[0, 3] = text_states[0, 2]
+    image_states[0, 1] = -text_states[0, 2]
+    mask = torch.ones(1, 9, dtype=torch.bool)
+    fusion.merged_patches = 1
+    states, kept, into = fusion.merge(torch.cat([image_states, text_states], 1), mask, 5)
+    assert into.tolist() == [[-1, -1, -1, 2, -1]]
+    assert kept[0, :5].tolist() == [True, True, True, False, True]
+    torch.testing.assert_close(states[0, 5 + 2], text_states[0, 2])
+    torch.testing.assert_close(states[0, 5:7], text_states[0, :2])  # other words untouched
+
+
+def test_the_merge_is_position_aware_and_the_weighting_alone_is_not(tiny_backbone):
+    texts = ["move the red circle to the top left", "make the square blue"]
+    for name, changes in (("tmcir", True), ("tmcir-token-weights", False)):
+        method = randomised(create_method(name, tiny_backbone))
+        image, text = token_inputs(method, texts)
+        tokens = image.tokens.clone()
+        order = torch.randperm(tokens.shape[1] - 1, generator=torch.Generator().manual_seed(0))
+        tokens[:, 1:] = tokens[:, order + 1]  # the same patches in other places
+        with torch.no_grad():
+            query = method.fusion(image, text).query
+            shuffled = method.fusion(TokenFeatures(image.pooled, tokens, image.mask), text).query
+        assert (not torch.allclose(query, shuffled, atol=1e-5)) == changes, name
+
+
+def test_stage1_aligns_the_text_alone_and_can_train_the_image_tower(
+    config, bench, tiny_backbone, tmp_path
+):
+    text_only = create_method("tmcir", tiny_backbone, stage=1)
+    composed = create_method("tmcir-composed-alignment", tiny_backbone, stage=1)
+    size = tiny_backbone.identity.image_size
+    pixels, texts = torch.randn(2, 3, size, size), ["make the circle red", "remove the square"]
+    with torch.no_grad():
+        query = text_only.encode_queries(pixels, texts)
+        torch.testing.assert_close(query, text_only.encode_queries(torch.zeros_like(pixels), texts))
+        assert not torch.allclose(query, composed.encode_queries(pixels, texts))
+
+    scene_editor_targets(bench, tmp_path / "pseudo", noise=0.3)
+    stage1 = config.replace(
+        epochs=1,
+        method_config={
+            "stage": 1,
+            "pseudo_targets": str(tmp_path / "pseudo"),
+            "finetune_image": True,
+        },
+    )
+    first = train(stage1, tmp_path / "stage1", progress=False)
+    assert not first.results["feature_cache"]["used"]  # a trained image tower takes pixels
+    aligned = load_trained_method(first.run_dir / "best")
+    image_tower = list(aligned.backbone.tower_parameters("image"))
+    before = list(tiny_backbone.tower_parameters("image"))
+    assert any(not torch.equal(a, b) for a, b in zip(image_tower, before, strict=True))
+    # Stage 2 from it must train the image tower too: its cached features would be stale.
+    with pytest.raises(ValueError, match="finetune_image: true"):
+        create_method("tmcir", tiny_backbone, init_from=str(first.run_dir / "best"))
+    second = create_method(
+        "tmcir", tiny_backbone, init_from=str(first.run_dir / "best"), finetune_image=True
+    )
+    for a, b in zip(second.backbone.tower_parameters("image"), image_tower, strict=True):
+        assert torch.equal(a, b)

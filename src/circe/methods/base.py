@@ -247,20 +247,25 @@ class FrozenBackboneMethod(CIRMethod):
         self.backbone.eval()  # a frozen backbone never runs in training mode (dropout etc.)
         return self
 
-    @torch.no_grad()
     def backbone_image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """`[B, 3, H, W]` -> `[B, D]` pooled image embeddings (not normalised): what is cached."""
-        return self.backbone.encode_image(pixels)
+        """`[B, 3, H, W]` -> `[B, D]` pooled image embeddings (not normalised): what is cached,
+        or, when the method trains its image tower, computed with gradients."""
+        with torch.set_grad_enabled(self._image_tower_learns()):
+            return self.backbone.encode_image(pixels)
+
+    def _image_tower_learns(self) -> bool:
+        return "image" in self.inputs.trains and torch.is_grad_enabled()
 
     @torch.no_grad()
     def backbone_text_features(self, texts: list[str]) -> torch.Tensor:
         """B texts -> `[B, D]` pooled text embeddings (not normalised): what is cached."""
         return self.encode_texts(texts)
 
-    @torch.no_grad()
     def backbone_image_tokens(self, pixels: torch.Tensor) -> TokenFeatures:
-        """`[B, 3, H, W]` -> the image tower's `TokenFeatures`: what a token method caches."""
-        return TokenFeatures(*self.backbone.encode_image(pixels, tokens=True))
+        """`[B, 3, H, W]` -> the image tower's `TokenFeatures`: what a token method caches (with
+        gradients when the method trains its image tower)."""
+        with torch.set_grad_enabled(self._image_tower_learns()):
+            return TokenFeatures(*self.backbone.encode_image(pixels, tokens=True))
 
     @torch.no_grad()
     def backbone_text_tokens(self, texts: list[str]) -> TokenFeatures:

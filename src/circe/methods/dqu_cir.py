@@ -187,11 +187,6 @@ class DQUCIR(FrozenBackboneMethod):
 
     # -- encoders ------------------------------------------------------------------------------
 
-    def backbone_image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        if "image" in self.inputs.trains:  # the paper's full fine-tuning: with gradients
-            return self.backbone.encode_image(pixels)
-        return super().backbone_image_features(pixels)
-
     def fusion_weight(self, f_t: torch.Tensor, f_v: torch.Tensor) -> torch.Tensor:
         """λ `[B, 1]` from unit features `[B, d]` each (§3.4, or the ablation's constant)."""
         mode = self.config.lambda_mode

@@ -66,6 +66,7 @@ from circe.methods.inputs import TokenFeatures
 from circe.pseudo_targets.manifest import with_pseudo_targets
 
 FUSIONS = ("adaptive", "mean")
+ALIGNMENTS = ("text", "composed")
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,13 @@ class TMCIRConfig:
     init_from: str | None = None
     initialised_from: str | None = None
     fusion: str = "adaptive"  # adaptive (learned token weights) | mean (mean pooling)
+    # Stage 2: merge image tokens into the text tokens they resemble before the weighting
+    # (the paper's token merge); False is the weighting alone (`tmcir-token-weights`).
+    merge: bool = True
+    merge_ratio: float = 0.5  # share of the patch tokens merged away (the class token stays)
+    # Stage 1: what is aligned with the pseudo-target: "text" alone (the paper) or
+    # "composed", norm(v̂ + t̂) (`tmcir-composed-alignment`).
+    alignment: str = "text"
     width: int = 128  # d, the fusion width both token streams are projected to
     heads: int = 4
     layers: int = 1  # context transformer layers before the weighting (0: none)
@@ -86,6 +94,9 @@ class TMCIRConfig:
     dropout: float = 0.1
     # Stage 2 fine-tunes the text tower (stage 1 always does: that is its point).
     finetune_text: bool = True
+    # Both stages: fine-tune the image tower too (the paper fine-tunes all encoders). Off by
+    # default so that image features and tokens stay cached on a CPU.
+    finetune_image: bool = False
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
@@ -94,6 +105,10 @@ class TMCIRConfig:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} does not split into {self.heads} heads")
+        if self.alignment not in ALIGNMENTS:
+            raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {self.alignment!r}")
+        if not 0.0 <= self.merge_ratio < 1.0:
+            raise ValueError(f"merge_ratio must be in [0, 1), got {self.merge_ratio!r}")
         if self.stage == 1 and self.init_from:
             raise ValueError("init_from is stage 2's: stage 1 starts from the backbone")
         if self.stage == 2 and self.pseudo_targets:
@@ -114,6 +129,8 @@ class Fused:
     query: torch.Tensor  # [B, D] unit vectors
     weights: torch.Tensor  # [B, N + L] per-token weights a_i, image tokens first; 0 on padding
     image_share: torch.Tensor  # [B] w_v, the image tokens' total weight
+    # [B, N] the text token each image token was merged into (-1: kept); None without merge
+    merged_into: torch.Tensor | None = None
 
 
 def _zero(layer: nn.Linear) -> nn.Linear:
@@ -127,8 +144,15 @@ class AdaptiveTokenFusion(nn.Module):
     """Stage 2's fusion: image and text tokens in context, one weight per token, the
     weighted tokens and the modality-weighted pooled features -> the query."""
 
-    def __init__(self, image_width: int, text_width: int, out_dim: int, config: TMCIRConfig):
+    def __init__(
+        self,
+        image_shape: tuple[int, int],
+        text_shape: tuple[int, int],
+        out_dim: int,
+        config: TMCIRConfig,
+    ):
         super().__init__()
+        (image_tokens, image_width), (text_tokens, text_width) = image_shape, text_shape
         d = config.width
         self.image_projection = nn.Sequential(nn.Linear(image_width, d), nn.LayerNorm(d))
         self.text_projection = nn.Sequential(nn.Linear(text_width, d), nn.LayerNorm(d))
@@ -154,6 +178,14 @@ class AdaptiveTokenFusion(nn.Module):
                 nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), _zero(nn.Linear(d, 1))
             )
         self.output = _zero(nn.Linear(d, out_dim))  # W_o
+        # The merge's positions: one embedding per patch and per word slot, so that which
+        # patch resembles which word can depend on where the patch is (created last, and
+        # only with the merge, so that the ablation without it starts from the same draws).
+        self.merged_patches = 0
+        if config.merge:
+            self.merged_patches = round(config.merge_ratio * (image_tokens - 1))
+            self.image_positions = nn.Parameter(0.02 * torch.randn(image_tokens, d))
+            self.text_positions = nn.Parameter(0.02 * torch.randn(text_tokens, d))
 
     def token_weights(
         self, states: torch.Tensor, mask: torch.Tensor, image_tokens: int
@@ -170,6 +202,44 @@ class AdaptiveTokenFusion(nn.Module):
         scores = prior if self.scorer is None else prior + self.scorer(states).squeeze(-1)
         return torch.softmax(scores.masked_fill(~mask, -math.inf), dim=-1)
 
+    def merge(
+        self, states: torch.Tensor, mask: torch.Tensor, image_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token merge across modalities: the `merged_patches` patch tokens most similar to a
+        word (cosine of their contextual states) are merged into that word, each counted by
+        its similarity, and leave the sequence (masked out; the shapes stay fixed).
+
+            s_ij = cos(H_i, H_j),  i a patch, j a real text token;  j*(i) = argmax_j s_ij
+            M = the patches with the largest s_ij*(i) (bipartite matching, as in ToMe)
+            H_j ← (H_j + Σ_{i ∈ M, j*(i) = j} w_i H_i) / (1 + Σ w_i),  w_i = (1 + s_ij*)/2
+
+        The class token (the whole image) never merges. The choice of M is discrete; the
+        merged states and their weights w carry gradients, so training makes the words and
+        the patches they absorb agree. -> (states, mask, `[B, N]` word index per image token
+        or -1)."""
+        n = image_tokens
+        image, text = states[:, :n], states[:, n:]  # [B, N, d], [B, L, d]
+        text_mask = mask[:, n:]  # [B, L]
+        similarity = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).transpose(1, 2)
+        similarity = similarity.masked_fill(~text_mask[:, None, :], -math.inf)  # [B, N, L]
+        best, word = similarity.max(dim=-1)  # [B, N] each
+        best = best.clone()
+        best[:, 0] = -math.inf  # the class token stays
+        chosen = best.topk(self.merged_patches, dim=-1).indices  # [B, r]
+        selected = torch.zeros_like(mask[:, :n]).scatter(1, chosen, True)  # [B, N]
+        weight = torch.where(selected, (1 + best.clamp(min=-1)) / 2, 0.0)  # [B, N] w_i
+        assignment = F.one_hot(word, text.shape[1]).to(states.dtype) * weight[..., None]
+        absorbed = assignment.transpose(1, 2) @ image  # [B, L, d]
+        counts = assignment.sum(dim=1)[..., None]  # [B, L, 1]
+        text = (text + absorbed) / (1 + counts)
+        image_mask = mask[:, :n] & ~selected
+        merged_into = torch.where(selected, word, -1)
+        return (
+            torch.cat([image, text], dim=1),
+            torch.cat([image_mask, text_mask], dim=1),
+            merged_into,
+        )
+
     def forward(self, image: TokenFeatures, text: TokenFeatures) -> Fused:
         v, t = F.normalize(image.pooled, dim=-1), F.normalize(text.pooled, dim=-1)  # [B, D]
         n = image.tokens.shape[1]
@@ -181,13 +251,21 @@ class AdaptiveTokenFusion(nn.Module):
             dim=1,
         )  # [B, N + L, d]
         mask = torch.cat([image.mask, text.mask], dim=1)  # [B, N + L]
+        if self.merged_patches:
+            positions = torch.cat(
+                [self.image_positions[:n], self.text_positions[: text.tokens.shape[1]]]
+            )
+            states = states + positions
         if self.context is not None:
             states = self.context(states, src_key_padding_mask=~mask)
+        merged = None
+        if self.merged_patches:
+            states, mask, merged = self.merge(states, mask, n)
         weights = self.token_weights(states, mask, n)  # [B, N + L]
         image_share = weights[:, :n].sum(dim=1, keepdim=True)  # [B, 1]
         tokens = torch.einsum("bl,bld->bd", weights, states)  # [B, d]
         query = image_share * v + (1 - image_share) * t + self.output(tokens)
-        return Fused(F.normalize(query, dim=-1), weights, image_share.squeeze(-1))
+        return Fused(F.normalize(query, dim=-1), weights, image_share.squeeze(-1), merged)
 
 
 @register_method("tmcir")
@@ -202,8 +280,8 @@ class TMCIR(FrozenBackboneMethod):
             self._start_from_stage1(c.init_from)
         self.fusion = None
         if c.stage == 2:
-            (_, image_width), (_, text_width) = self.backbone.token_shapes()
-            self.fusion = AdaptiveTokenFusion(image_width, text_width, backbone.embed_dim, c)
+            image_shape, text_shape = self.backbone.token_shapes()
+            self.fusion = AdaptiveTokenFusion(image_shape, text_shape, backbone.embed_dim, c)
 
     def _start_from_stage1(self, path: str) -> None:
         """Load a stage-1 run's backbone (its aligned text tower) into this method's copy."""
@@ -222,6 +300,13 @@ class TMCIR(FrozenBackboneMethod):
                 f"init_from {path}: stage 1 was trained on other backbone weights "
                 f"({info['backbone']['weights']}); train stage 2 on the same backbone"
             )
+        if info["method_config"].get("finetune_image") and not self.config.finetune_image:
+            # Its image tower is not the backbone file's any more, but a frozen tower's
+            # features are cached under the file's identity: they would pass for the original's.
+            raise ValueError(
+                f"init_from {path}: stage 1 fine-tuned the image tower, so stage 2 must too "
+                "(finetune_image: true)"
+            )
         prefix = "method.backbone."
         weights = {
             k.removeprefix(prefix): v for k, v in checkpoint.weights.items() if k.startswith(prefix)
@@ -239,7 +324,9 @@ class TMCIR(FrozenBackboneMethod):
         """Stage 1 aligns pooled features and trains the text tower; stage 2 fuses token
         sequences, with the text tower trained when `finetune_text` says so."""
         c = self.config
-        trains = {"text"} if c.stage == 1 or c.finetune_text else ()
+        trains = {"text"} if c.stage == 1 or c.finetune_text else set()
+        if c.finetune_image:
+            trains.add("image")
         return MethodInputs(query="tokens" if c.stage == 2 else "pooled", trains=trains)
 
     def training_split(self, split: CIRSplit) -> CIRSplit:
@@ -261,9 +348,11 @@ class TMCIR(FrozenBackboneMethod):
         image_features: torch.Tensor | TokenFeatures,
         text_features: torch.Tensor | TokenFeatures,
     ) -> torch.Tensor:
-        if self.fusion is None:  # stage 1: q = norm(v̂ + t̂)
-            v, t = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
-            return F.normalize(v + t, dim=-1)
+        if self.fusion is None:  # stage 1: q = norm(t̂), or norm(v̂ + t̂) when composed
+            t = F.normalize(text_features, dim=-1)
+            if self.config.alignment == "text":
+                return t
+            return F.normalize(F.normalize(image_features, dim=-1) + t, dim=-1)
         return self.fusion(image_features, text_features).query
 
     @torch.no_grad()
@@ -297,8 +386,22 @@ class TMCIR(FrozenBackboneMethod):
 
 
 register_variant(
+    "tmcir-token-weights",
+    TMCIR,
+    "Ablation: the learned per-token weights without the token merge (circe's first TMCIR).",
+    merge=False,
+)
+register_variant(
+    "tmcir-composed-alignment",
+    TMCIR,
+    "Ablation of stage 1: (reference + text), not the text alone, aligned with the pseudo-target.",
+    alignment="composed",
+)
+register_variant(
     "tmcir-mean-pool",
     TMCIR,
-    "Ablation: mean pooling per modality instead of the learned per-token weights.",
+    "Ablation of `tmcir-token-weights`: mean pooling per modality instead of the learned "
+    "per-token weights (no merge).",
     fusion="mean",
+    merge=False,
 )
