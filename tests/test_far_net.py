@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from circe.methods import create_method
+from circe.methods.base import TrainingState, contrastive_loss
+from circe.methods.far_net import uncertainty_nll
 from circe.methods.inputs import Pairs, TokenFeatures
 from circe.progress import no_progress
 from circe.train.cache import FeatureCache, image_items, image_token_batches, text_token_batches
@@ -192,3 +194,61 @@ def test_loss_falls(config, tmp_path):
     assert result.finished
     epochs = read_log(tmp_path / "run", "epoch")
     assert epochs[-1]["train_loss"] < 0.9 * epochs[0]["train_loss"]  # 2.78 -> 2.28 here
+
+
+# -- the stage losses and the uncertainty loss ---------------------------------------------------
+
+
+def test_the_training_loss_adds_each_stage_loss_with_its_weight(tiny_backbone):
+    texts = ["make the circle red", "remove the square", "add a star", "move the circle left"]
+    pixels = random_pixels(tiny_backbone, 4)
+    targets = torch.nn.functional.normalize(torch.randn(4, tiny_backbone.embed_dim), dim=-1)
+    weights = {"esam_loss": 0.3, "arm_loss": 0.7, "uncertainty_loss": 2.0}
+    method = randomised(create_method("far-net", tiny_backbone, dropout=0.0, **weights)).eval()
+    with torch.no_grad():
+        stacked = method.encode_training_queries(pixels, texts)  # [B, 7, D]
+        parts = method.compose(
+            method.query_image_features(pixels), method.query_text_features(texts)
+        )
+        loss = method.embedding_loss(stacked, targets, 0.1, TrainingState())
+    assert stacked.shape == (4, 7, tiny_backbone.embed_dim)
+    torch.testing.assert_close(stacked[:, 0], method.encode_queries(pixels, texts))
+    nce = [contrastive_loss(stacked[:, k], targets, 0.1) for k in range(3)]
+    expected = nce[0] + 0.3 * nce[1] + 0.7 * nce[2] + 2.0 * uncertainty_nll(stacked[:, 3:], targets)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(stacked[:, 2], torch.nn.functional.normalize(parts.early, dim=-1))
+    # The first design is the final query's loss alone.
+    old = create_method("far-net-final-loss-only", tiny_backbone, dropout=0.0)
+    old.load_state_dict(method.state_dict())
+    with torch.no_grad():
+        only = old.embedding_loss(old.encode_training_queries(pixels, texts), targets, 0.1, None)
+    torch.testing.assert_close(only, nce[0])
+
+
+def test_the_uncertainty_loss_teaches_the_variance_the_streams_error():
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.randn(512, 8, generator=generator)
+    means = torch.stack([targets + 0.1 * torch.randn(512, 8), targets + torch.randn(512, 8)], 1)
+    means.requires_grad_(True)
+    log_variances = torch.zeros(2, 8, requires_grad=True)  # one σ² per stream and dimension
+    optimizer = torch.optim.Adam([log_variances], lr=0.05)
+    for _ in range(400):
+        optimizer.zero_grad()
+        streams = torch.cat([means, log_variances.expand(512, 2, 8)], dim=1)
+        uncertainty_nll(streams, targets).backward()
+        optimizer.step()
+    assert means.grad is None or not means.grad.any()  # μ is left to the contrastive losses
+    learned = log_variances.detach().exp()
+    expected = (targets.unsqueeze(1) - means.detach()).square().mean(dim=0)  # [2, 8]
+    torch.testing.assert_close(learned, expected, rtol=0.05, atol=1e-3)
+    # So the precision shares trust the accurate stream: about 0.99 of the weight.
+    assert (torch.softmax(-log_variances.detach(), dim=0)[0] > 0.95).all()
+
+
+def test_the_stage_terms_are_in_the_training_loss_from_the_first_step(config, tmp_path):
+    config = config.replace(max_steps=3, method_config={"dropout": 0.0})
+    train(config, tmp_path / "new", progress=False)
+    train(config.replace(method="far-net-final-loss-only"), tmp_path / "old", progress=False)
+    new = [r["loss"] for r in read_log(tmp_path / "new", "step")]
+    old = [r["loss"] for r in read_log(tmp_path / "old", "step")]
+    assert new[0] != pytest.approx(old[0])  # the stage terms are in the loss from step one

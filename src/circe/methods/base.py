@@ -188,6 +188,14 @@ class CIRMethod(nn.Module, ABC):
         token_ids = self.backbone.tokenize(texts).to(self.backbone.device)
         return self.backbone.encode_text(token_ids)
 
+    def encode_training_queries(
+        self, reference_pixels: torch.Tensor, texts: list[str]
+    ) -> torch.Tensor:
+        """What the training loss reads of a batch of queries: `[B, D]` queries, or `[B, K, D]`
+        where a method's loss also reads intermediate embeddings (FAR-Net's stage queries),
+        the retrieval query first. Default: the retrieval queries."""
+        return self.encode_queries(reference_pixels, texts)
+
     def embedding_loss(
         self,
         queries: torch.Tensor,
@@ -196,7 +204,8 @@ class CIRMethod(nn.Module, ABC):
         state: TrainingState,
     ) -> torch.Tensor:
         """The training loss of a batch's query and target embeddings `[B, D]` (row i of
-        each is one triplet, gathered over processes). Default: the batch contrastive loss.
+        each is one triplet, gathered over processes; queries as `encode_training_queries`
+        gives them). Default: the batch contrastive loss.
         A method with its own objective (DWC's soft labels and alternating streams)
         overrides this; the trainer calls it for every method."""
         return contrastive_loss(queries, targets, temperature)
@@ -302,6 +311,21 @@ class FrozenBackboneMethod(CIRMethod):
         return self.encode_queries_from_features(
             self.query_image_features(reference_pixels), self.query_text_features(texts)
         )
+
+    def encode_training_queries(
+        self, reference_pixels: torch.Tensor, texts: list[str]
+    ) -> torch.Tensor:
+        return self.encode_training_queries_from_features(
+            self.query_image_features(reference_pixels), self.query_text_features(texts)
+        )
+
+    def encode_training_queries_from_features(
+        self,
+        image_features: torch.Tensor | TokenFeatures,
+        text_features: torch.Tensor | TokenFeatures,
+    ) -> torch.Tensor:
+        """`encode_training_queries` from backbone features. Default: the retrieval queries."""
+        return self.encode_queries_from_features(image_features, text_features)
 
     def encode_targets_from_features(self, image_features: torch.Tensor) -> torch.Tensor:
         """`[N, D]` backbone image features -> `[N, D]` unit vectors. Default: normalise."""

@@ -58,6 +58,8 @@ from circe.backbones.base import Backbone
 from circe.methods.base import (
     FrozenBackboneMethod,
     MethodInputs,
+    TrainingState,
+    contrastive_loss,
     register_method,
     register_variant,
 )
@@ -72,12 +74,22 @@ class FARNetConfig:
     dropout: float = 0.1  # in every attention block (attention maps, residuals, FFN)
     esam: bool = True  # the late-fusion stage (ablation: ARM only)
     arm: bool = True  # the early-fusion stage (ablation: ESAM only)
+    # Auxiliary InfoNCE losses on each stage's own query (norm(e), norm(a)), added to the final
+    # query's with these weights (0: the stage learns only through the final query).
+    esam_loss: float = 0.5
+    arm_loss: float = 0.5
+    # Weight of ARM's uncertainty loss: the Gaussian negative log-likelihood of the target
+    # under each stream's N(μ, diag σ²), with μ held fixed, so σ² learns the stream's error.
+    uncertainty_loss: float = 1.0
 
     def __post_init__(self) -> None:
         if not (self.esam or self.arm):
             raise ValueError("FAR-Net needs at least one of its stages: esam or arm")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} does not split into {self.heads} heads")
+        for name in ("esam_loss", "arm_loss", "uncertainty_loss"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} is a loss weight: 0 or more, got {getattr(self, name)}")
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -205,9 +217,10 @@ class ARM(nn.Module):
         word_mask: torch.Tensor,
         v: torch.Tensor,
         t: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Tokens as for ESAM, unit features `v`, `t` `[B, D]` -> (reconciled query `a`
-        `[B, D]`, the image stream's precision share π_v `[B, D]`)."""
+        `[B, D]`, the image stream's precision share π_v `[B, D]`, the streams' Gaussians
+        `[4, B, D]`: μ_v, μ_t, log σ²_v, log σ²_t)."""
         n = regions.shape[1]
         joint = torch.cat([regions + self.stream_embedding[0], words + self.stream_embedding[1]], 1)
         padding = torch.cat([torch.zeros_like(word_mask[:, :1]).expand(-1, n), ~word_mask], 1)
@@ -216,7 +229,19 @@ class ARM(nn.Module):
         mu_t, log_var_t = self.text_uncertainty(masked_mean(joint[:, n:], word_mask), t)
         # π_s = σ_s⁻² / Σ σ⁻²: a softmax of the negative log-variances over the two streams.
         shares = torch.softmax(-torch.stack([log_var_v, log_var_t]), dim=0)  # [2, B, D]
-        return shares[0] * mu_v + shares[1] * mu_t, shares[0]
+        streams = torch.stack([mu_v, mu_t, log_var_v, log_var_t])
+        return shares[0] * mu_v + shares[1] * mu_t, shares[0], streams
+
+
+def uncertainty_nll(streams: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """ARM's uncertainty loss: the mean negative log-likelihood (up to a constant) of the unit
+    targets `[B, D]` under each stream's N(μ, diag σ²), `streams [B, 4, D]` (μ_v, μ_t,
+    log σ²_v, log σ²_t). μ is held fixed (the contrastive losses move it), so σ² learns the
+    expected squared error of its stream, dimension by dimension: a calibrated uncertainty,
+    whose precisions then weigh the streams, rather than a gate under another name."""
+    means, log_variances = streams[:, :2].detach(), streams[:, 2:]  # [B, 2, D] each
+    error = (targets.unsqueeze(1) - means).square()
+    return 0.5 * (error * torch.exp(-log_variances) + log_variances).mean()
 
 
 @dataclass
@@ -227,6 +252,9 @@ class Composition:
     arm_share: torch.Tensor | None  # [B] γ, ARM's share of the final query (both stages)
     image_share: torch.Tensor | None  # [B, D] π_v, ARM's image precision share
     word_to_region: torch.Tensor | None  # [B, L, N] ESAM's attention of words over regions
+    late: torch.Tensor | None = None  # [B, D] e, ESAM's query (not normalised)
+    early: torch.Tensor | None = None  # [B, D] a, ARM's reconciled query (not normalised)
+    streams: torch.Tensor | None = None  # [4, B, D] ARM's μ_v, μ_t, log σ²_v, log σ²_t
 
 
 @register_method("far-net")
@@ -253,12 +281,12 @@ class FARNet(FrozenBackboneMethod):
         v, t = F.normalize(image.pooled, dim=-1), F.normalize(text.pooled, dim=-1)  # [B, D]
         regions = self.region_projection(image.tokens)  # [B, N, d]
         words = self.word_projection(text.tokens)  # [B, L, d]
-        e = a = gamma = image_share = attention = None
+        e = a = gamma = image_share = attention = streams = None
         if self.esam is not None:
             correction, attention = self.esam(regions, words, text.mask)
             e = (v + t) / 2 + correction
         if self.arm is not None:
-            a, image_share = self.arm(regions, words, text.mask, v, t)
+            a, image_share, streams = self.arm(regions, words, text.mask, v, t)
         if e is None:
             query = a
         elif a is None:
@@ -267,12 +295,45 @@ class FARNet(FrozenBackboneMethod):
             gamma = torch.sigmoid(self.stage_gate(torch.cat([a, e], dim=-1)))  # [B, 1]
             query = gamma * a + (1 - gamma) * e
             gamma = gamma.squeeze(-1)
-        return Composition(F.normalize(query, dim=-1), gamma, image_share, attention)
+        return Composition(F.normalize(query, dim=-1), gamma, image_share, attention, e, a, streams)
 
     def encode_queries_from_features(
         self, image_features: TokenFeatures, text_features: TokenFeatures
     ) -> torch.Tensor:
         return self.compose(image_features, text_features).query
+
+    def encode_training_queries_from_features(
+        self, image_features: TokenFeatures, text_features: TokenFeatures
+    ) -> torch.Tensor:
+        """`[B, 7, D]`: the final query, then what the stage losses read: norm(e), norm(a),
+        μ_v, μ_t, log σ²_v, log σ²_t (zeros for a stage the ablation removed)."""
+        parts = self.compose(image_features, text_features)
+        zeros = torch.zeros_like(parts.query)
+        late = zeros if parts.late is None else F.normalize(parts.late, dim=-1)
+        early = zeros if parts.early is None else F.normalize(parts.early, dim=-1)
+        streams = zeros.expand(4, *zeros.shape) if parts.streams is None else parts.streams
+        return torch.stack([parts.query, late, early, *streams], dim=1)
+
+    def embedding_loss(
+        self,
+        queries: torch.Tensor,
+        targets: torch.Tensor,
+        temperature: float | torch.Tensor,
+        state: TrainingState,
+    ) -> torch.Tensor:
+        """InfoNCE of the final query, plus the weighted stage losses: InfoNCE of each stage's
+        own query, and ARM's uncertainty loss (`uncertainty_nll`)."""
+        c = self.config
+        if queries.dim() == 2:  # retrieval queries only (a caller outside the trainer)
+            return contrastive_loss(queries, targets, temperature)
+        loss = contrastive_loss(queries[:, 0], targets, temperature)
+        if c.esam and c.arm and c.esam_loss:
+            loss = loss + c.esam_loss * contrastive_loss(queries[:, 1], targets, temperature)
+        if c.esam and c.arm and c.arm_loss:
+            loss = loss + c.arm_loss * contrastive_loss(queries[:, 2], targets, temperature)
+        if c.arm and c.uncertainty_loss:
+            loss = loss + c.uncertainty_loss * uncertainty_nll(queries[:, 3:], targets)
+        return loss
 
     @torch.no_grad()
     def explain(self, reference_pixels: torch.Tensor, texts: list[str]) -> dict:
@@ -302,4 +363,19 @@ register_variant(
 )
 register_variant(
     "far-net-arm-only", FARNet, "Ablation: the early-fusion stage alone (no ESAM).", esam=False
+)
+register_variant(
+    "far-net-final-loss-only",
+    FARNet,
+    "Ablation: the final query's loss alone, no stage losses and no uncertainty loss "
+    "(circe's first FAR-Net).",
+    esam_loss=0.0,
+    arm_loss=0.0,
+    uncertainty_loss=0.0,
+)
+register_variant(
+    "far-net-no-uncertainty-loss",
+    FARNet,
+    "Ablation: the stage losses without ARM's uncertainty loss (σ² learned as a gate).",
+    uncertainty_loss=0.0,
 )

@@ -58,12 +58,12 @@ class ContrastiveObjective(nn.Module):
             text_features = batch.text_features
             if text_features is None:  # the method trains its text tower: encode, with grads
                 text_features = self.method.query_text_features(batch.texts)  # [b, D]
-            queries = self.method.encode_queries_from_features(
+            queries = self.method.encode_training_queries_from_features(
                 batch.reference_features, text_features
-            )  # [b, D]
+            )  # [b, D] (or [b, K, D])
             targets = self.method.encode_targets_from_features(batch.target_features)  # [b, D]
         else:
-            queries = self.method.encode_queries(batch.reference_pixels, batch.texts)
+            queries = self.method.encode_training_queries(batch.reference_pixels, batch.texts)
             targets = self.method.encode_targets(batch.target_pixels)
         # [B, D] each, B = b * processes: every query sees the targets of the global batch.
         queries, targets = gather_batch(queries).float(), gather_batch(targets).float()
