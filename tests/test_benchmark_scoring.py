@@ -51,6 +51,7 @@ def test_cirr_metrics_by_hand(tmp_path):
             "Rsubset@2": 2 * third,
             "Rsubset@3": 2 * third,
             "Avg": 2 * third,  # (R@5 + Rsubset@1) / 2
+            "Mean7": (third + 2 * third + 100 + 100 + 3 * 2 * third) / 7,  # all seven recalls
         }
     )
     assert result.protocol["reference_excluded"] == "yes"

@@ -86,11 +86,11 @@ def test_split(bench):
 
 def test_fused_ranking_is_the_weighted_sum_of_member_cosines(dafm, test_split):
     # By hand, from each member's own evaluation (pixels, its own preprocessing):
-    # score(q, g) = Σ_m w_m(q) cos_m(q_m, g_m).
+    # score(q, g) = Σ_m ŵ_m(q) cos_m(q_m, g_m), ŵ the calibrated weights.
     queries = [encode_queries(m, test_split.queries, test_split) for m in dafm.members]
     gallery = [encode_gallery(m, test_split) for m in dafm.members]
     with torch.no_grad():
-        weights = dafm.member_weights(torch.cat(queries, -1))  # [Q, M]
+        weights = dafm.fusion_weights(torch.cat(queries, -1))  # [Q, M]
     by_hand = sum(w[:, None] * q @ g.T for w, q, g in zip(weights.T, queries, gallery))
     # DAFM through the evaluation pipeline (raw inputs, one embedding space):
     scores = score_matrix(dafm, test_split)  # [Q, N]
@@ -103,6 +103,35 @@ def test_fused_ranking_is_the_weighted_sum_of_member_cosines(dafm, test_split):
     torch.testing.assert_close(fused, by_hand, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(dafm_queries.norm(dim=-1), torch.ones(len(dafm_queries)))
     torch.testing.assert_close(dafm_gallery.norm(dim=-1), torch.ones(len(dafm_gallery)))
+
+
+def test_calibrated_fusion_is_the_weighted_sum_of_z_scores_over_the_pool(dafm, test_split):
+    # Σ_m w_m(q) (cos_m(q, g) − μ_m(q)) / σ_m(q), with μ and σ over the pool of member m's
+    # space, by hand; DAFM's fused score is the same up to a per-query scale and shift.
+    queries = [encode_queries(m, test_split.queries, test_split) for m in dafm.members]
+    gallery = [encode_gallery(m, test_split) for m in dafm.members]
+    pools = dafm.split(dafm.anchors)
+    with torch.no_grad():
+        weights = dafm.member_weights(torch.cat(queries, -1))  # [Q, M], the gate's
+        fused = dafm.fused_scores(
+            dafm.encode_queries_from_features(torch.cat(queries, -1)),
+            dafm.encode_targets_from_features(torch.cat(gallery, -1)),
+        )
+    z_sum, scale, shift = 0, 0, 0
+    for w, q, g, pool in zip(weights.T, queries, gallery, pools, strict=True):
+        on_pool = q @ pool.T  # [Q, K]
+        mean, std = on_pool.mean(-1, keepdim=True), on_pool.std(-1, keepdim=True)
+        z_sum = z_sum + w[:, None] * (q @ g.T - mean) / std
+        scale, shift = scale + w[:, None] / std, shift + w[:, None] * mean / std
+    torch.testing.assert_close(fused * scale - shift, z_sum, atol=1e-4, rtol=1e-4)
+    # A member whose cosines spread wider does not weigh more: stretch member 0's cosines
+    # about their pool mean (its space's geometry unchanged) and the weights stay the same.
+    with torch.no_grad():
+        cosines = dafm.pool_cosines(torch.cat(queries, -1))
+        stretched = [3 * cosines[0], *cosines[1:]]
+        ratio = dafm.member_scales(stretched) / dafm.member_scales(cosines)
+    torch.testing.assert_close(ratio[:, 0], torch.full_like(ratio[:, 0], 1 / 3))
+    torch.testing.assert_close(ratio[:, 1:], torch.ones_like(ratio[:, 1:]))
 
 
 def test_members_embed_each_input_once(dafm, bench, monkeypatch):
@@ -131,9 +160,13 @@ def test_weights_sum_to_one_and_differ_between_queries(dafm, test_split):
 def test_the_gate_learns_to_distrust_a_member_with_random_weights(dafm, test_split):
     raw = [raw_query(q, test_split.gallery) for q in test_split.queries]
     with torch.no_grad():
-        weights = dafm.member_weights(dafm.member_query_features(raw)).mean(0)  # [M]
-    # The gate starts at 1/3 each; it learns to give the random member little (0.05 here).
-    assert weights[RANDOM] < 0.1 < weights[REAL], weights
+        features = dafm.member_query_features(raw)
+        weights = dafm.member_weights(features).mean(0)  # [M], the gate's
+        on_cosines = dafm.fusion_weights(features).mean(0)  # [M], once calibrated
+    # The gate starts at 1/3 each; it learns to give the random member little (0.001 here),
+    # and so do the weights its cosines get after calibration.
+    assert weights[RANDOM] < 0.05 and weights[REAL] + weights[WORDS] > 0.95, weights
+    assert on_cosines[RANDOM] < 0.05, on_cosines
 
 
 def test_members_stay_frozen(trained, members):
@@ -148,6 +181,7 @@ def test_members_stay_frozen(trained, members):
     # DAFM's checkpoint holds its gate, not the members (they live in their own).
     saved = load_file(str(run_dir / "best" / "model.safetensors"))
     assert {k.split(".")[1] for k in saved if k.startswith("method.")} == {"gate", "anchors"}
+    assert fused.anchors.shape[0] == fused.config.anchors and fused.anchors.any()
     assert json.loads((run_dir / "best" / "config.json").read_text())["method_config"][
         "member_sha256"
     ]
@@ -226,7 +260,7 @@ def test_index_and_search_through_the_cli(config, members, test_split, tmp_path)
 
 
 def test_bench_fusion_trains_the_gate_on_a_held_out_split_and_reuses_the_members(config, tmp_path):
-    from circe.bench.fusion import fusion
+    from circe.bench.fusion import FUSIONS, fusion
     from circe.bench.quality import quality
 
     runs, base = tmp_path / "runs", config.replace(epochs=2)
@@ -239,8 +273,12 @@ def test_bench_fusion_trains_the_gate_on_a_held_out_split_and_reuses_the_members
     )
     assert gate_run["train_split"] == "val" and gate_run["eval_every"] == 0
     assert held_out["gate_split"] == "val"
-    assert set(held_out["summary"]["metrics"]["test"]) == {*members, "dafm-equal", "dafm"}
-    assert "gate on the `val` split" in (tmp_path / "val" / "fusion.md").read_text()
+    assert set(held_out["summary"]["metrics"]["test"]) == {*members, *FUSIONS}
+    assert (runs / "dafm-first-design-combiner+dwc-frozen-text-gate-val" / "seed-0").exists()
+    static = held_out["runs"][0]["static_weights"]
+    assert sum(static.values()) == pytest.approx(1) and set(static) == set(members)
+    table = (tmp_path / "val" / "fusion.md").read_text()
+    assert "gate on the `val` split" in table and "| `cascade, reversed` |" in table
     # The same members serve a gate trained on their own training pairs: not trained again.
     stamps = {m: (runs / m / "seed-0" / "results.json").stat().st_mtime_ns for m in members}
     on_train = fusion(base, tmp_path / "train", (0,), members, progress=False, runs_dir=runs)

@@ -15,6 +15,8 @@ gallery image) of DAFM against each of its members.
 
 from __future__ import annotations
 
+import itertools
+import math
 import statistics
 import tempfile
 import time
@@ -36,7 +38,9 @@ from circe.bench.record import (
 )
 from circe.data.batching import raw_query
 from circe.data.types import CIRSplit
+from circe.eval.benchmark import cirr_metrics
 from circe.eval.evaluate import encode_gallery, encode_queries, masks
+from circe.eval.labels import Labels
 from circe.eval.metrics import recall_at_k
 from circe.methods import CIRMethod, create_method
 from circe.methods.checkpoint import load_checkpoint, load_trained_method, save_checkpoint
@@ -47,7 +51,16 @@ from circe.train.trainer import trained
 
 DEFAULT_MEMBERS = ("combiner", "dwc", "dqu-cir")
 RANDOM = "random"  # the label of the member with random weights
-FUSIONS = ("dafm-equal", "dafm")
+# The fusions each seed scores; DAFM's rows (gates) are the trained ones.
+EQUAL, EQUAL_Z, STATIC_Z = "dafm-equal", "equal weights, z-scored", "static weights, z-scored"
+CASCADE, CASCADE_REVERSED = "cascade", "cascade, reversed"
+FIRST_DESIGN, DAFM_NAME = "dafm-first-design", "dafm"
+FUSIONS = (EQUAL, EQUAL_Z, STATIC_Z, CASCADE, CASCADE_REVERSED, FIRST_DESIGN, DAFM_NAME)
+# Cascade: the first member's top 100 go on, each later member keeps the top 50 of what it
+# was given, and the last one orders its list.
+CASCADE_KEEP = (100, 50)
+# Static weights are searched on this grid over the simplex (steps of 0.1).
+GRID_STEPS = 10
 LATENCY_QUERIES = 50
 
 
@@ -68,9 +81,43 @@ def write_random_member(source: str | Path, out: Path, seed: int) -> Path:
     return Path(out) / "best"
 
 
-def _recalls(scores: torch.Tensor, split: CIRSplit) -> dict[str, float]:
+def _recalls(scores: torch.Tensor, split: CIRSplit, dataset: str = "synthetic") -> dict:
+    """R@1/5/10/50; on CIRR also its subset recalls and both readings of "Rmean"."""
+    if dataset == "cirr":
+        return cirr_metrics(scores, Labels(split))
     target, exclude = masks(split, split.queries)
     return {f"R@{k}": v for k, v in recall_at_k(scores, target, KS, exclude).items()}
+
+
+def cascade_scores(scores: Sequence[torch.Tensor], exclude: torch.Tensor) -> torch.Tensor:
+    """Sequential fusion as a score matrix: member 1 ranks the gallery and passes its top
+    `CASCADE_KEEP[0]` on, each next member re-ranks what it was given and passes its top
+    `CASCADE_KEEP[1]` on; the last member orders the final list. `scores`: one `[Q, N]`
+    cosine matrix per member, in cascade order; `exclude [Q, N]`: images never ranked (the
+    reference). Images that went further come first; within a stage, in the order of the
+    member that dropped them (cosines lie in [-1, 1], so a step of 10 per stage is enough)."""
+    fused = scores[0].masked_fill(exclude, -math.inf)
+    alive = ~exclude
+    for stage, member in enumerate(scores[1:], 1):
+        keep = CASCADE_KEEP[min(stage - 1, len(CASCADE_KEEP) - 1)]
+        passed = (
+            torch.zeros_like(alive).scatter(
+                1, fused.topk(min(keep, fused.shape[1]), dim=-1).indices, True
+            )
+            & alive
+        )
+        fused = torch.where(passed, 10.0 * stage + member, fused)
+        alive = passed
+    return fused
+
+
+def simplex_grid(members: int, steps: int = GRID_STEPS) -> list[tuple[float, ...]]:
+    """Every weight vector with entries in multiples of 1/steps summing to one."""
+    return [
+        tuple(count / steps for count in counts)
+        for counts in itertools.product(range(steps + 1), repeat=members)
+        if sum(counts) == steps
+    ]
 
 
 def _weight_bytes(model: torch.nn.Module) -> int:
@@ -105,6 +152,7 @@ def _seed_run(
     random_member: bool,
     progress: bool,
     gate_split: str = "train",
+    splits: Sequence[str] = TEST_SPLITS,
 ) -> dict[str, Any]:
     """Train the members and DAFM with `config` (DAFM's gate on `gate_split`); score
     everything; measure the cost. Runs go to `runs/NAME/seed-N`, the layout of `circe bench
@@ -132,7 +180,13 @@ def _seed_run(
     )
     results = trained(fused, fused_dir, progress)
     train_seconds["dafm"] = results["train_seconds"]
+    # The first design, trained on the same members and split: the ablation of the new one.
+    first_dir = fused_dir.parent.with_name(f"{FIRST_DESIGN}{fused_dir.parent.name[4:]}") / seed
+    train_seconds[FIRST_DESIGN] = trained(replace(fused, method=FIRST_DESIGN), first_dir, progress)[
+        "train_seconds"
+    ]
     dafm = load_trained_method(fused_dir / "best")
+    first = load_trained_method(first_dir / "best")
     equal = create_method("dafm-equal", dafm.backbone, members=paths)
     labels = _labels(dafm, random_member)
     run: dict[str, Any] = {
@@ -142,28 +196,84 @@ def _seed_run(
         "metrics": {},
         "mean_gate_weights": {},
     }
-    for split_name in TEST_SPLITS:
+    batch, workers = config.eval_batch_size, config.workers
+
+    def member_embeddings(split: CIRSplit) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every member once, as `circe eval` encodes it: [Q, ΣD] and [N, ΣD], side by side."""
+        queries = [encode_queries(m, split.queries, split, batch, workers) for m in dafm.members]
+        gallery = [encode_gallery(m, split, batch, workers) for m in dafm.members]
+        return torch.cat(queries, -1), torch.cat(gallery, -1)
+
+    tuning = load_split(config.dataset, config.root, config.eval_split)
+    static = _static_weights(dafm, tuning, *member_embeddings(tuning), config.dataset)
+    run["static_weights"] = dict(zip(labels, static.tolist(), strict=True))
+    for split_name in splits:
         split = load_split(config.dataset, config.root, split_name)
-        batch, workers = config.eval_batch_size, config.workers
-        # Every member once, as `circe eval` encodes it: [Q, ΣD] and [N, ΣD], side by side.
-        queries = torch.cat(
-            [encode_queries(m, split.queries, split, batch, workers) for m in dafm.members], -1
-        )
-        gallery = torch.cat([encode_gallery(m, split, batch, workers) for m in dafm.members], -1)
-        scores = {
-            label: q @ g.T
-            for label, q, g in zip(labels, dafm.split(queries), dafm.split(gallery), strict=True)
+        queries, gallery = member_embeddings(split)
+        scores = _fusion_scores(dafm, first, equal, static, split, queries, gallery, labels)
+        run["metrics"][split_name] = {
+            name: _recalls(s, split, config.dataset) for name, s in scores.items()
         }
         with torch.no_grad():
-            for name, fusion in zip(FUSIONS, (equal, dafm), strict=True):
-                fused_queries = fusion.encode_queries_from_features(queries)
-                scores[name] = fused_queries @ fusion.encode_targets_from_features(gallery).T
             weights = dafm.member_weights(queries).mean(0).tolist()  # [M]
-        run["metrics"][split_name] = {name: _recalls(s, split) for name, s in scores.items()}
         run["mean_gate_weights"][split_name] = dict(zip(labels, weights, strict=True))
-        if split_name == TEST_SPLITS[0]:
+        if split_name == splits[0]:
             run["cost"] = _cost(dafm, labels, split, gallery)
     return run
+
+
+def _weighted(member_scores: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Σ_m weights[:, m] · member_scores[m]: `[Q, N]` from M `[Q, N]` and `[Q, M]`."""
+    return sum(w[:, None] * s for w, s in zip(weights.T, member_scores, strict=True))
+
+
+@torch.no_grad()
+def _static_weights(
+    dafm: DAFM, split: CIRSplit, queries: torch.Tensor, gallery: torch.Tensor, dataset: str
+) -> torch.Tensor:
+    """The fixed member weights `[M]` (on z-scored cosines, with DAFM's pool) that score
+    best on `split` (the training config's validation split, never a test split) by the mean
+    of R@1, R@10 and R@50, searched on `simplex_grid`."""
+    member_scores = [q @ g.T for q, g in zip(dafm.split(queries), dafm.split(gallery), strict=True)]
+    scales = dafm.member_scales(dafm.pool_cosines(queries))  # [Q, M]
+    best, best_score = None, -math.inf
+    for grid_point in simplex_grid(len(member_scores)):
+        weights = torch.tensor(grid_point)
+        recalls = _recalls(_weighted(member_scores, scales * weights), split, dataset)
+        score = statistics.fmean(recalls[f"R@{k}"] for k in TABLE_KS)
+        if score > best_score:
+            best, best_score = weights, score
+    return best
+
+
+@torch.no_grad()
+def _fusion_scores(
+    dafm: DAFM,
+    first: DAFM,
+    equal: DAFM,
+    static: torch.Tensor,
+    split: CIRSplit,
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    labels: list[str],
+) -> dict[str, torch.Tensor]:
+    """`[Q, N]` scores of every member and every fusion, from the members' embeddings, each
+    fusion through its own functions (the trained ones exactly as their raw-input encoders)."""
+    member_scores = [q @ g.T for q, g in zip(dafm.split(queries), dafm.split(gallery), strict=True)]
+    scores = dict(zip(labels, member_scores, strict=True))
+    _, exclude = masks(split, split.queries)
+    scales = dafm.member_scales(dafm.pool_cosines(queries))  # [Q, M] 1/σ_m(q)
+    scores[EQUAL] = (
+        equal.encode_queries_from_features(queries) @ equal.encode_targets_from_features(gallery).T
+    )
+    scores[EQUAL_Z] = _weighted(member_scores, scales / len(member_scores))
+    scores[STATIC_Z] = _weighted(member_scores, scales * static)
+    scores[CASCADE] = cascade_scores(member_scores, exclude)
+    scores[CASCADE_REVERSED] = cascade_scores(member_scores[::-1], exclude)
+    for name, model in ((FIRST_DESIGN, first), (DAFM_NAME, dafm)):
+        fused_queries = model.encode_queries_from_features(queries)
+        scores[name] = fused_queries @ model.encode_targets_from_features(gallery).T
+    return scores
 
 
 def _cost(dafm: DAFM, labels: list[str], split: CIRSplit, gallery: torch.Tensor) -> dict:
@@ -191,9 +301,12 @@ def fusion(
     progress: bool = True,
     runs_dir: Path | None = None,
     gate_split: str = "train",
+    splits: Sequence[str] = TEST_SPLITS,
 ) -> dict[str, Any]:
-    """DAFM over `members` (plus a random one) against each member and `dafm-equal`, over
-    seeds. DAFM's gate is trained on `gate_split`: `train` (the members' own training pairs)
+    """DAFM over `members` (plus a random one) against each member and its baselines (equal
+    weights raw and z-scored, static weights searched on the config's `eval_split`, the
+    cascade in both orders, DAFM's first design), over seeds, scored on `splits` (CIRR:
+    `val`, with both readings of its "Rmean"). DAFM's gate is trained on `gate_split`: `train` (the members' own training pairs)
     or a split the members never saw (`val`: stacking; then trained for the config's epochs,
     without selection). Training runs are kept in `runs_dir/METHOD/seed-N` when given (the
     layout of `circe bench quality`: finished runs reused, interrupted ones continued). Writes `fusion.json` and `fusion.md` in
@@ -202,7 +315,9 @@ def fusion(
         raise ValueError("fusion needs at least two members (or one and --random-member)")
     # Members are trained exactly as `circe bench quality` trains them (same splits scored),
     # so a runs directory shared with it serves both.
-    base = replace(base, test_splits=list(REPORT_SPLITS))
+    base = replace(
+        base, test_splits=list(REPORT_SPLITS if tuple(splits) == TEST_SPLITS else splits)
+    )
     with tempfile.TemporaryDirectory(prefix="circe-fusion-") as scratch:
         runs = [
             _seed_run(
@@ -212,6 +327,7 @@ def fusion(
                 random_member,
                 progress,
                 gate_split,
+                splits,
             )
             for seed in seeds
         ]
@@ -223,22 +339,23 @@ def fusion(
         "seeds": list(seeds),
         "members": [*members, *([RANDOM] if random_member else [])],
         "gate_split": gate_split,
+        "splits": list(splits),
         "train_config": base.to_dict(),
         "machine": machine(),
-        "summary": _summarise(runs),
+        "summary": _summarise(runs, splits),
         "runs": runs,
     }
     write_record(Path(out_dir), "fusion", record, fusion_markdown(record))
     return record
 
 
-def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def _summarise(runs: list[dict[str, Any]], splits: Sequence[str]) -> dict[str, Any]:
     """Means and spreads over seeds, the best single member per split, and the verdicts."""
     first = runs[0]
-    models = list(first["metrics"][TEST_SPLITS[0]])
+    models = list(first["metrics"][splits[0]])
     members = [m for m in models if m not in FUSIONS]
     summary: dict[str, Any] = {"metrics": {}, "mean_gate_weights": {}, "best_member": {}}
-    for split in TEST_SPLITS:
+    for split in splits:
         summary["metrics"][split] = {
             model: {
                 metric: over_seeds([run["metrics"][split][model][metric] for run in runs])
@@ -255,8 +372,13 @@ def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         summary["best_member"][split] = {
             "member": best,
             "dafm_minus_best_member_R@1": r1["dafm"] - r1[best],
-            "dafm_minus_equal_R@1": r1["dafm"] - r1["dafm-equal"],
+            "dafm_minus_equal_R@1": r1["dafm"] - r1[EQUAL],
+            "dafm_minus_static_R@1": r1["dafm"] - r1[STATIC_Z],
         }
+    summary["static_weights"] = {
+        member: statistics.fmean(run["static_weights"][member] for run in runs)
+        for member in members
+    }
     summary["cost"] = {
         model: {
             key: statistics.fmean(run["cost"][model][key] for run in runs)
@@ -271,11 +393,18 @@ def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+# CIRR's "Rmean", read both ways: the benchmark's Avg and the mean of all seven recalls.
+RMEAN_COLUMNS = {"Avg": "Rmean = (R@5 + Rsubset@1) / 2", "Mean7": "Rmean = mean of the 7"}
+
+
 def fusion_markdown(record: dict[str, Any]) -> str:
     summary = record["summary"]
     metrics = summary["metrics"]
-    header = ["model"] + [f"{split} R@{k}" for split in TEST_SPLITS for k in TABLE_KS]
-    header += ["mean gate weight (test)"]
+    splits = record.get("splits", TEST_SPLITS)
+    first_row = next(iter(metrics[splits[0]].values()))
+    columns = [f"R@{k}" for k in TABLE_KS] + [c for c in RMEAN_COLUMNS if c in first_row]
+    header = ["model"] + [f"{split} {RMEAN_COLUMNS.get(c, c)}" for split in splits for c in columns]
+    header += [f"mean gate weight ({splits[0]})", "static weight (val)"]
     lines = [
         "# DAFM: dynamic adaptive fusion of trained methods",
         "",
@@ -286,20 +415,27 @@ def fusion_markdown(record: dict[str, Any]) -> str:
             f"`circe bench quality` config; DAFM trained over them with the same config, its "
             f"gate on the `{record['gate_split']}` split. "
             f"Recall in percent, mean ± std over seeds {record['seeds']}. "
-            "`dafm-equal`: every member weighs 1/M."
+            f"`{EQUAL}`: every member's raw cosines weigh 1/M; z-scored: each member's "
+            "cosines divided by their spread over DAFM's pool first; static weights: the "
+            f"best fixed weights on the validation split ({GRID_STEPS + 1}-step grid), "
+            "z-scored; cascade: each member re-ranks the previous one's top "
+            f"{'/'.join(map(str, CASCADE_KEEP))}, in the members' order or reversed; "
+            f"`{FIRST_DESIGN}`: raw cosines and gate statistics over 256 fixed training targets."
         ),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
-    gate = summary["mean_gate_weights"][TEST_SPLITS[0]]
-    for model in metrics[TEST_SPLITS[0]]:
+    gate = summary["mean_gate_weights"][splits[0]]
+    static = summary.get("static_weights", {})
+    for model in metrics[splits[0]]:
         cells = [f"`{model}`"]
-        for split in TEST_SPLITS:
-            for k in TABLE_KS:
-                value = metrics[split][model][f"R@{k}"]
+        for split in splits:
+            for column in columns:
+                value = metrics[split][model][column]
                 cells.append(f"{value['mean']:.1f} ± {value['std']:.1f}")
         cells.append(f"{gate[model]:.3f}" if model in gate else "—")
+        cells.append(f"{static[model]:.2f}" if model in static else "—")
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -309,8 +445,9 @@ def fusion_markdown(record: dict[str, Any]) -> str:
     for split, best in summary["best_member"].items():
         lines.append(
             f"- `{split}`: best member `{best['member']}`; DAFM's R@1 minus its R@1: "
-            f"{best['dafm_minus_best_member_R@1']:+.1f} points; minus `dafm-equal`'s: "
-            f"{best['dafm_minus_equal_R@1']:+.1f}."
+            f"{best['dafm_minus_best_member_R@1']:+.1f} points; minus `{EQUAL}`'s: "
+            f"{best['dafm_minus_equal_R@1']:+.1f}; minus the static weights': "
+            f"{best.get('dafm_minus_static_R@1', math.nan):+.1f}."
         )
     cost = summary["cost"]
     members = [m for m in cost if m != "dafm"]
@@ -318,7 +455,7 @@ def fusion_markdown(record: dict[str, Any]) -> str:
     lines += [
         "",
         (
-            f"## Cost (`{TEST_SPLITS[0]}`, {record['machine']['torch_threads']} torch threads, "
+            f"## Cost (`{splits[0]}`, {record['machine']['torch_threads']} torch threads, "
             "means over seeds)"
         ),
         "",

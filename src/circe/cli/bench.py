@@ -194,10 +194,18 @@ def bench_fusion(
             "(held out from the members; then no model selection)."
         ),
     ] = "train",
+    split: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Splits to score (default: the synthetic benchmark's test_phrasing, test, "
+            "test_unseen; on CIRR give val, which adds both readings of Rmean)."
+        ),
+    ] = None,
 ) -> None:
-    """Train member methods, then DAFM over them; compare DAFM with each member and with
-    equal-weight fusion, and measure its cost; write fusion.json and fusion.md."""
-    from circe.bench.fusion import DEFAULT_MEMBERS, fusion
+    """Train member methods, then DAFM over them; compare DAFM with each member, equal and
+    static (val-tuned) weights, the cascade in both orders and its first design, and measure
+    its cost; write fusion.json and fusion.md."""
+    from circe.bench.fusion import DEFAULT_MEMBERS, TEST_SPLITS, fusion
 
     overrides = train_overrides(
         root=root, threads=threads, weights=weights, epochs=epochs, backbone=backbone
@@ -212,6 +220,7 @@ def bench_fusion(
             _command_line(),
             runs_dir=runs,
             gate_split=gate_split,
+            splits=tuple(split) if split else TEST_SPLITS,
         )
     except (FileNotFoundError, TypeError, ValueError) as error:  # WeightsNotFoundError too
         raise fail(str(error)) from None

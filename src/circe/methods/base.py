@@ -196,6 +196,15 @@ class CIRMethod(nn.Module, ABC):
         the retrieval query first. Default: the retrieval queries."""
         return self.encode_queries(reference_pixels, texts)
 
+    def encode_training_queries_from_features(
+        self,
+        image_features: torch.Tensor | TokenFeatures,
+        text_features: torch.Tensor | TokenFeatures,
+    ) -> torch.Tensor:
+        """`encode_training_queries` from the features a feature-fed method trains on (cached
+        backbone features; DAFM's member embeddings). Default: the retrieval queries."""
+        return self.encode_queries_from_features(image_features, text_features)
+
     def embedding_loss(
         self,
         queries: torch.Tensor,
@@ -318,14 +327,6 @@ class FrozenBackboneMethod(CIRMethod):
         return self.encode_training_queries_from_features(
             self.query_image_features(reference_pixels), self.query_text_features(texts)
         )
-
-    def encode_training_queries_from_features(
-        self,
-        image_features: torch.Tensor | TokenFeatures,
-        text_features: torch.Tensor | TokenFeatures,
-    ) -> torch.Tensor:
-        """`encode_training_queries` from backbone features. Default: the retrieval queries."""
-        return self.encode_queries_from_features(image_features, text_features)
 
     def encode_targets_from_features(self, image_features: torch.Tensor) -> torch.Tensor:
         """`[N, D]` backbone image features -> `[N, D]` unit vectors. Default: normalise."""

@@ -56,13 +56,21 @@ from circe.backbones import file_sha256
 from circe.backbones.base import Backbone
 from circe.data.batching import loaded_batches
 from circe.data.types import RawQuery
-from circe.methods.base import CIRMethod, MethodInputs, TrainingState, register_method
+from circe.methods.base import (
+    CIRMethod,
+    MethodInputs,
+    TrainingState,
+    register_method,
+    register_variant,
+)
 from circe.methods.checkpoint import load_checkpoint, load_trained_method
 from circe.methods.inputs import FeaturePairs, Pairs, QueryFeatures
 from circe.progress import Progress
 
-# Per member: max, mean, std and normalised entropy of its cosines to the anchor targets.
+# Per member, four statistics of its cosines to the pool (`DAFM.score_statistics`).
 STATISTICS = 4
+CALIBRATIONS = ("zscore", "none")
+STATISTIC_KINDS = ("top-k", "anchors")
 # Softmax temperature of the entropy statistic (a trained member's cosines to a gallery have
 # a std of about 0.23 on the synthetic benchmark: 0.05 keeps the softmax far from uniform).
 STATISTICS_TEMPERATURE = 0.05
@@ -84,7 +92,17 @@ class DAFMConfig:
     member_sha256: tuple[str, ...] = ()
     hidden: int = 128  # width of the gate's hidden layer
     dropout: float = 0.1
-    anchors: int = 256  # K training targets per member space for the score statistics
+    # K training targets per member space: the candidate pool that calibrates each member's
+    # scores and that the gate's statistics are read from.
+    anchors: int = 1024
+    # "zscore": each member's cosines to a query are z-scored over the pool before they are
+    # weighed (a member whose scores spread wider no longer dominates); "none": raw cosines.
+    calibration: str = "zscore"
+    # The gate's score statistics: "top-k", from each member's top_k pool candidates for the
+    # query, in z-scores; "anchors", max / mean / std / entropy of the raw cosines to the
+    # whole pool (the first design).
+    statistics: str = "top-k"
+    top_k: int = 10
 
     def __post_init__(self) -> None:
         # Saved configs come back from JSON with lists; keep tuples (hashable, immutable).
@@ -99,6 +117,12 @@ class DAFMConfig:
             raise ValueError("member_sha256 must name one hash per member")
         if self.anchors < 2:
             raise ValueError(f"anchors must be at least 2, got {self.anchors}")
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {CALIBRATIONS}: {self.calibration!r}")
+        if self.statistics not in STATISTIC_KINDS:
+            raise ValueError(f"statistics must be one of {STATISTIC_KINDS}: {self.statistics!r}")
+        if not 2 <= self.top_k <= self.anchors:
+            raise ValueError(f"top_k must be between 2 and anchors ({self.anchors})")
 
 
 def _load_member(path: str, number: int, backbone: Backbone) -> tuple[CIRMethod, str]:
@@ -201,6 +225,9 @@ class DAFM(CIRMethod):
             self.dims = [m.encode_target_images(probe).shape[-1] for m in self.members]
         width = sum(self.dims)
         self.memo = _Memo(MEMO_BYTES // (4 * width))  # rows of ΣD float32
+        if self.calibrated or self.adaptive:
+            # Member target embeddings of K training images, side by side: [K, ΣD].
+            self.register_buffer("anchors", torch.zeros(config.anchors, width))
         if self.adaptive:
             count = len(self.members)
             self.gate = nn.Sequential(  # [B, ΣD + 4M] -> [B, M] logits
@@ -211,8 +238,6 @@ class DAFM(CIRMethod):
             )
             nn.init.zeros_(self.gate[-1].weight)  # start as the equal-weight fusion
             nn.init.zeros_(self.gate[-1].bias)
-            # Member target embeddings of K training images, side by side: [K, ΣD].
-            self.register_buffer("anchors", torch.zeros(config.anchors, width))
             # DAFM's target embeddings of every training image [I, ΣD], while it trains (set
             # by `training_features`; not saved).
             self.register_buffer("training_gallery", None, persistent=False)
@@ -256,27 +281,69 @@ class DAFM(CIRMethod):
 
     # -- the gate ------------------------------------------------------------------------
 
-    def score_statistics(self, query_features: torch.Tensor) -> torch.Tensor:
-        """`[B, ΣD]` member query embeddings -> `[B, 4M]`: per member, the max, mean, std and
-        normalised entropy of its cosines to the K anchor targets of its space."""
+    @property
+    def calibrated(self) -> bool:
+        return self.config.calibration == "zscore"
+
+    def pool_cosines(self, query_features: torch.Tensor) -> list[torch.Tensor]:
+        """`[B, ΣD]` member query embeddings -> per member, its cosines `[B, K]` from each
+        query to the K pool targets of its space."""
+        return [
+            query @ pool.T
+            for query, pool in zip(
+                self.split(query_features), self.split(self.anchors), strict=True
+            )
+        ]
+
+    def score_statistics(self, cosines: list[torch.Tensor]) -> torch.Tensor:
+        """Per member, four statistics of its pool cosines `[B, K]` -> `[B, 4M]`.
+
+        "top-k": of the member's top_k candidates, in z-scores over the pool (so that they
+        compare across members): the best one's z, its margin over the second, the mean z of
+        the top_k, and the normalised entropy of a softmax over them (how peaked the member's
+        short list is). "anchors": max, mean, std and normalised entropy of the raw cosines
+        to the whole pool."""
         statistics = []
-        for query, anchors in zip(
-            self.split(query_features), self.split(self.anchors), strict=True
-        ):
-            cosines = query @ anchors.T  # [B, K]
-            p = torch.softmax(cosines / STATISTICS_TEMPERATURE, dim=-1)
-            entropy = -(p * torch.log(p.clamp(min=1e-12))).sum(-1) / math.log(len(anchors))
-            statistics += [cosines.amax(-1), cosines.mean(-1), cosines.std(-1), entropy]
+        for member in cosines:
+            if self.config.statistics == "anchors":
+                p = torch.softmax(member / STATISTICS_TEMPERATURE, dim=-1)
+                entropy = -(p * torch.log(p.clamp(min=1e-12))).sum(-1) / math.log(p.shape[-1])
+                statistics += [member.amax(-1), member.mean(-1), member.std(-1), entropy]
+                continue
+            mean, spread = member.mean(-1, keepdim=True), _spread(member)
+            top = (member.topk(self.config.top_k, dim=-1).values - mean) / spread  # [B, k]
+            p = torch.softmax(top, dim=-1)
+            entropy = -(p * torch.log(p.clamp(min=1e-12))).sum(-1) / math.log(top.shape[-1])
+            statistics += [top[:, 0], top[:, 0] - top[:, 1], top.mean(-1), entropy]
         return torch.stack(statistics, dim=-1)
 
+    def member_scales(self, cosines: list[torch.Tensor]) -> torch.Tensor:
+        """`[B, M]`: what each member's cosines are multiplied by before they are weighed:
+        1 / σ_m(q), the spread of member m's cosines from query q over the pool (its
+        z-score; the z-score's shift, −μ_m(q)/σ_m(q), is the same for every candidate of
+        the query, so it changes no ranking and is left out), or 1 without calibration."""
+        if not self.calibrated:
+            return cosines[0].new_ones(len(cosines[0]), len(cosines))
+        return 1 / torch.cat([_spread(member) for member in cosines], dim=-1)
+
     def member_weights(self, query_features: torch.Tensor) -> torch.Tensor:
-        """w(q) `[B, M]`, each row summing to one, from the member query embeddings `[B, ΣD]`."""
+        """w(q) `[B, M]`, the gate's weights (each row summing to one), from the member query
+        embeddings `[B, ΣD]`; 1/M each without a gate."""
         if not self.adaptive:
             return query_features.new_full(
                 (len(query_features), len(self.dims)), 1 / len(self.dims)
             )
-        inputs = torch.cat([query_features, self.score_statistics(query_features)], dim=-1)
-        return torch.softmax(self.gate(inputs), dim=-1)
+        statistics = self.score_statistics(self.pool_cosines(query_features))
+        return torch.softmax(self.gate(torch.cat([query_features, statistics], dim=-1)), dim=-1)
+
+    def fusion_weights(self, query_features: torch.Tensor) -> torch.Tensor:
+        """The weights the members' raw cosines are fused with `[B, M]`: w_m(q) / σ_m(q),
+        rescaled to sum to one (a per-query factor, which changes no ranking)."""
+        weights = self.member_weights(query_features)
+        if not self.calibrated:
+            return weights
+        weights = weights * self.member_scales(self.pool_cosines(query_features))
+        return weights / weights.sum(dim=-1, keepdim=True)
 
     # -- one space: the fused query and target embeddings --------------------------------
 
@@ -286,7 +353,7 @@ class DAFM(CIRMethod):
         """Member query embeddings `[B, ΣD]` -> normalize([w_1 q_1 ‖ … ‖ w_M q_M]) `[B, ΣD]`.
         `text_features` is unused (the trainer's batches carry an empty `[B, 0]`): the
         members' query embeddings already hold the texts."""
-        weights = self.member_weights(query_features)  # [B, M]
+        weights = self.fusion_weights(query_features)  # [B, M]
         sizes = torch.tensor(self.dims, device=weights.device)
         return F.normalize(query_features * weights.repeat_interleave(sizes, dim=-1), dim=-1)
 
@@ -331,13 +398,17 @@ class DAFM(CIRMethod):
 
     @torch.no_grad()
     def explain_raw(self, queries: Sequence[RawQuery]) -> dict:
-        """Per query: each member's weight, by member name."""
-        weights = self.member_weights(self.member_query_features(queries))  # [B, M]
-        return {
-            "member_weights": [
-                dict(zip(self.member_names, row, strict=True)) for row in weights.tolist()
-            ]
-        }
+        """Per query and member name: the gate's weight, and (calibrated) the weight its raw
+        cosines get once divided by their spread."""
+        features = self.member_query_features(queries)
+
+        def by_name(weights: torch.Tensor) -> list[dict[str, float]]:
+            return [dict(zip(self.member_names, row, strict=True)) for row in weights.tolist()]
+
+        explanation = {"member_weights": by_name(self.member_weights(features))}
+        if self.calibrated:
+            explanation["cosine_weights"] = by_name(self.fusion_weights(features))
+        return explanation
 
     def encode_queries(self, reference_pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
         raise TypeError(_PIXELS)
@@ -372,14 +443,20 @@ class DAFM(CIRMethod):
             progress,
             "member queries",
         )  # [P, ΣD]
-        if self.adaptive:
+        if self.calibrated or self.adaptive:
             rows = torch.linspace(0, len(images) - 1, len(self.anchors)).round().long()
             self.anchors.copy_(images[rows])
+        if self.adaptive:
             fused = self.encode_targets_from_features(images)  # [I, ΣD]
             self.training_gallery = fused.to(self.anchors.device)
         no_text = torch.empty(len(pairs.texts), 0)  # [T, 0]: the queries hold the texts
         queries = QueryFeatures(reference_features=queries, texts=pairs.texts, text=pairs.text)
         return FeaturePairs(pairs, images, no_text, queries)
+
+
+def _spread(cosines: torch.Tensor) -> torch.Tensor:
+    """`[B, K]` -> `[B, 1]` standard deviations, kept away from 0 (a pool of one image)."""
+    return cosines.std(dim=-1, keepdim=True).clamp(min=1e-4)
 
 
 def _leave_out_members(module: DAFM, state: dict, prefix: str, local_metadata: dict) -> None:
@@ -395,7 +472,23 @@ def _keep_members(module: DAFM, state: dict, prefix: str, *_) -> None:
 
 @register_method("dafm-equal", variant_of="dafm")
 class DAFMEqual(DAFM):
-    """Baseline: every member weighs 1/M for every query (nothing to train)."""
+    """Baseline: every member's raw cosines weigh 1/M for every query (nothing to train, so
+    no pool to calibrate with; `circe bench fusion` also reports equal weights on z-scores,
+    with the trained DAFM's pool)."""
 
     trainable = False
     adaptive = False
+
+    def __init__(self, backbone: Backbone, **config):
+        super().__init__(backbone, **{**config, "calibration": "none"})
+
+
+register_variant(
+    "dafm-first-design",
+    DAFM,
+    "Ablation: circe's first DAFM, raw cosines and gate statistics over 256 fixed "
+    "training targets.",
+    calibration="none",
+    statistics="anchors",
+    anchors=256,
+)
