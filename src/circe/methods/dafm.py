@@ -10,19 +10,27 @@ Each keeps its own embedding space, preprocessing and raw-query preparation (DQU
 words on the image), so DAFM takes raw inputs (`MethodInputs(query="raw")`) and hands every member
 its own. Members are frozen: no gradient ever reaches them.
 
-Fusion at the similarity level, per member space (q_m, g_m: member m's unit embeddings):
-    score(q, g) = Σ_m w_m(q) · cos_m(q_m, g_m)                           fused similarity
+Fusion at the similarity level, per member space (q_m, g_m: member m's unit embeddings), on
+calibrated scores:
+    z_m(q, g) = (cos_m(q_m, g_m) − μ_m(q)) / σ_m(q)                      member m's z-score
+    score(q, g) = Σ_m w_m(q) · z_m(q, g)                                  fused score
     w(q) = softmax(gate([q_1 ‖ … ‖ q_M ‖ s_1 ‖ … ‖ s_M]))                 per-query weights
-s_m are score statistics: member m's cosines from q_m to K fixed training targets of its
-space (max, mean, std, normalised entropy), a gallery-free measure of how sure the member is
-about this query. The gate's last layer starts at zero, so an untrained DAFM is the
-equal-weight fusion `dafm-equal`, the baseline it has to beat (with the best single member,
-which `circe bench fusion` reports).
+μ_m(q), σ_m(q): mean and spread of member m's cosines from q to a pool of K training
+targets of its space (`anchors`), so that a member whose scores spread wider no longer
+dominates at equal weights. s_m are the gate's statistics, read from member m's own short
+list for the query: the z-scores of its top_k pool candidates (the best, its margin over
+the second, their mean, the entropy of a softmax over them): how sure the member is about
+this query, comparable across members. The gate's last layer starts at zero, so an
+untrained DAFM is the equal-weight fusion of z-scores, one of the baselines it has to beat
+(with the best single member, the raw-cosine `dafm-equal`, static weights tuned on val and
+the cascade, which `circe bench fusion` reports).
 
-One embedding space, for the contract and the index:
-    query = normalize([w_1 q_1 ‖ … ‖ w_M q_M]),      target = [g_1 ‖ … ‖ g_M] / √M
-query·target = Σ_m w_m cos_m / (√M ‖w‖): a positive factor per query, so every query ranks
-the gallery exactly as the fused similarity does, and a FAISS inner-product index over the
+One embedding space, for the contract and the index. The shift −Σ w_m μ_m / σ_m is the same
+for every candidate of a query and changes no ranking, so only the scales remain: with
+ŵ_m = (w_m / σ_m) / Σ_k (w_k / σ_k) (`fusion_weights`),
+    query = normalize([ŵ_1 q_1 ‖ … ‖ ŵ_M q_M]),      target = [g_1 ‖ … ‖ g_M] / √M
+query·target = Σ_m ŵ_m cos_m / (√M ‖ŵ‖): a positive factor per query, so every query ranks
+the gallery exactly as the fused z-scores do, and a FAISS inner-product index over the
 targets searches DAFM like any method. `fused_scores` recovers the fused similarity itself
 from the two embeddings; the training loss uses it, so the gate cannot lower the loss
 through that per-query factor (a sharper or softer softmax) instead of through the ranking.
@@ -36,6 +44,18 @@ in-batch negatives, mean of three gate seeds, the gate learning to drop a weaker
 Frozen members embed an input the same way every time, so DAFM remembers their embeddings
 by input (`_Memo`): the validation after every epoch then costs a gate pass, not a pass of
 every member over the validation split.
+
+Ablation: `dafm-first-design` (circe's first DAFM: raw cosines, and gate statistics — max,
+mean, std, entropy of the raw cosines — over 256 fixed training targets).
+
+Choices the paper leaves open, and ours: fusion of scores, not of embeddings (members live
+in different spaces); frozen members; the gate's inputs (member queries and calibrated
+short-list statistics); the candidate list that calibrates and feeds the statistics is a
+fixed pool of training-split images, not the gallery being searched, so that a query's
+embedding does not depend on the gallery and an index works (a z-score over the searched
+gallery itself would need its covariance per member at query time); calibration by
+z-score (a rank-based calibration would not survive as one embedding space); the gate
+trained with InfoNCE over every training image.
 """
 
 from __future__ import annotations

@@ -34,15 +34,29 @@ Final query: γ = σ(w_γ · [a ‖ e] + b_γ),  q = norm(γ a + (1 - γ) e);  t
 
 Every output layer starts at zero: at initialisation e = a = (v̂ + t̂)/2 and γ = 1/2, so
 FAR-Net starts as the zero-shot feature sum and learns the corrections (as the Combiner's
-residual mix does). The ablations keep one stage: `far-net-esam-only` (q = norm(e)) and
-`far-net-arm-only` (q = norm(a)).
+residual mix does).
+
+Loss (`embedding_loss`, over the batch; g the targets, τ the trainer's temperature):
+    L = InfoNCE(q, g) + λ_e InfoNCE(norm(e), g) + λ_a InfoNCE(norm(a), g) + λ_u L_u
+    L_u = ½ mean_{s ∈ {v, t}, d} [ (g_d − sg(μ_s,d))² / σ²_s,d + log σ²_s,d ]
+The stage losses make each stage a retriever of its own, so that neither hides behind the
+gate; L_u is the Gaussian likelihood of the target under each stream with its mean held
+fixed (sg), so σ² learns the stream's expected error per dimension and the precision
+shares π weigh the streams by it: an uncertainty trained as one, not a gate under another
+name (the precisions still also get the final loss's gradient).
+
+Ablations: `far-net-final-loss-only` (circe's first FAR-Net: the final InfoNCE alone),
+`far-net-no-uncertainty-loss` (stage losses, no L_u), and one stage only:
+`far-net-esam-only` (q = norm(e)) and `far-net-arm-only` (q = norm(a)); a single stage has
+no stage loss beside the final one.
 
 Reading of the paper's open points (no public code): the backbone towers stay frozen (their
-token sequences are cached, `MethodInputs(query="tokens")`); ESAM attends in both directions; the
-uncertainty embeddings are per-dimension Gaussians whose precisions weigh the streams,
-without sampling: under the contrastive loss alone sampled noise would only teach the
-variances to vanish, and their role here is the relative weight; the stages are combined
-by a learned per-query gate.
+token sequences are cached, `MethodInputs(query="tokens")`); ESAM attends in both
+directions; the uncertainty embeddings are per-dimension Gaussians whose precisions weigh
+the streams, without sampling (sampled noise would add variance to the contrastive loss
+and only teach the variances to shrink; the likelihood term trains them directly); the
+stages are combined by a learned per-query gate; the auxiliary weights (0.5, 0.5, 1.0) are
+our guess, as is the likelihood on unit targets in the output space.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""TMCIR: intent-aware cross-modal alignment and adaptive token fusion (2025). No public code;
-this is our reading of the paper's abstract.
+"""TMCIR: intent-aware cross-modal alignment and adaptive token fusion (2025; "Token Merge
+Benefits Composed Image Retrieval", arXiv 2504.10995). No public code; this is our reading of
+the abstract and two public summaries (../shared/methods/tmcir.md).
 
 Fusion in CIR tends to be visual-dominant (the query stays close to the reference image) or
 text-dominant (it follows the words and forgets the picture). TMCIR trains in two stages,
@@ -7,40 +8,60 @@ here two runs of the shared trainer (`circe train`), the second starting from th
 
 Stage 1, intent-aware cross-modal alignment (`stage: 1`). An image editor turns each training
 query (reference image, modification text) into a pseudo-target image that shows what the
-text asks for (`circe pseudo-targets`: a diffusion editor such as InstructPix2Pix; on the
-synthetic benchmark a scene editor with a set rate of mistakes). The text tower is fine-tuned
-contrastively so that the query, read through it, lands on its pseudo-target:
-    q = norm(v̂ + t̂),   L₁ = InfoNCE(q, norm(g̃))
-with v̂, t̂ the unit reference image and text features and g̃ the pseudo-target's image
-feature. The text learns to say in image space what the edit changes; its real targets are
-never seen in this stage (`training_split` swaps every target for its pseudo-target).
+text asks for (`circe pseudo-targets`: a diffusion editor such as InstructPix2Pix or Stable
+Diffusion 3; on the synthetic benchmark a scene editor with a set rate of mistakes). The
+towers are fine-tuned contrastively so that the modification text alone lands on its
+pseudo-target, as the summaries describe:
+    L₁ = InfoNCE(norm(t), norm(g̃))          (`alignment: text`)
+with t the text feature and g̃ the pseudo-target's image feature. The text learns to say in
+image space what the edit asks for; real targets are never seen in this stage
+(`training_split` swaps every target for its pseudo-target). `alignment: composed`
+(`tmcir-composed-alignment`, circe's first reading) aligns norm(v̂ + t̂) instead.
 
-Stage 2, adaptive token fusion (`stage: 2`, `init_from: STAGE1_RUN/best`). The reference
-image's tokens V (class token, then patches) and the text's tokens T (padding mask m) are
-projected to the fusion width d, told apart by a modality embedding, and read in context by
-a pre-norm transformer layer over the joint sequence:
-    H = Transformer([LN(V W_v) + e_img ; LN(T W_t) + e_txt]; m)            [B, N + L, d]
-Each token gets a weight from its contextual state, a softmax over all real tokens of both
-modalities together, so visual and textual tokens compete for one budget:
-    a_i = softmax_i(s(H_i) − log n_mod(i)),   padding excluded            (Σ_i a_i = 1)
-where n_mod is the number of real tokens of token i's modality: with equal scores each
-modality gets half the weight whatever its length (the scorer s starts at zero, so TMCIR
-starts as mean-pooled fusion). The query mixes the pooled features by the modality shares
-and adds what the weighted tokens say:
+Stage 2, adaptive token fusion with a token merge (`stage: 2`, `init_from: STAGE1_RUN/best`).
+The reference image's tokens V (class token, then patches) and the text's tokens T (padding
+mask m) are projected to the fusion width d, told apart by a modality embedding, given a
+learned position embedding per patch and per word slot, and read in context by a pre-norm
+transformer layer over the joint sequence:
+    H = Transformer([LN(V W_v) + e_img + p_img ; LN(T W_t) + e_txt + p_txt]; m)
+Token merge (`merge`, `AdaptiveTokenFusion.merge`): the cosine similarity of every patch
+state to every word state, s_ij; each patch's best word j*(i); the `merge_ratio` share of
+patches most similar to a word are merged into it, each by its similarity,
+    H_j ← (H_j + Σ_{i→j} w_i H_i) / (1 + Σ_{i→j} w_i),   w_i = (1 + s_ij*) / 2,
+and leave the sequence. Positions are in the states the similarity compares, so which
+patch merges into which word depends on where the patch is ("position-aware").
+Adaptive token weights over what is left: a softmax over all real tokens of both modalities
+together, so visual and textual tokens compete for one budget:
+    a_i = softmax_i(s(H_i) − log n_mod(i)),   padding and merged patches excluded
+where n_mod is the number of tokens left in token i's modality: with equal scores each
+modality gets half the weight whatever its length (the scorer s starts at zero). The query
+mixes the pooled features by the modality shares and adds what the weighted tokens say:
     w_v = Σ_{i ∈ image} a_i,   q = norm(w_v v̂ + (1 − w_v) t̂ + W_o Σ_i a_i H_i)
 Targets are norm(g). W_o starts at zero, so the query starts as the feature sum. The text
-tower keeps training (from its stage-1 weights); `explain` reports every token's weight.
+tower keeps training (from its stage-1 weights), the image tower too with
+`finetune_image`; `explain` reports every token's weight (merged patches weigh 0).
 
-Ablations: `tmcir` without `init_from` is TMCIR without stage 1 (stage 2 from the pretrained
-backbone); stage 1 on pseudo-targets made with more or fewer mistakes (`circe pseudo-targets
---noise`); `tmcir-mean-pool` replaces the learned token weights by mean pooling per modality
-(a_i = 1 / (2 n_mod), the scorer removed), everything else equal.
+Ablations: `tmcir-token-weights` (circe's first TMCIR: the weighting without merge and
+positions); `tmcir-mean-pool` (that, with mean pooling per modality instead of the learned
+weights); `tmcir` without `init_from` (no stage 1); `tmcir-composed-alignment` (stage 1 on
+the composed query); stage 1 on pseudo-targets made with more or fewer mistakes
+(`circe pseudo-targets --noise`).
 
-Reading of the paper's open points: stage 1 aligns (reference + text) with the pseudo-target
-(the pair stage 2 composes), one pseudo-target per query; the weights are one softmax over
-the concatenated image and text tokens, pooled as their weighted sum. On a CPU budget the
-image tower stays frozen in both stages (its features and tokens are cached); the paper
-fine-tunes all encoders.
+Choices the paper leaves open, and ours:
+- Merge direction: patches into words (the words carry the intent; a word gathers the
+  patches it is about), not words into patches nor a ToMe-style merge within a modality.
+- How many merge: a fixed share of the patches (`merge_ratio`, 0.5), chosen per query by
+  similarity (bipartite, as ToMe); the class token never merges. The choice is discrete and
+  the merged states carry the gradients.
+- Where: after one context layer (the states of both towers are then in one space); the
+  similarity is a plain cosine, without a learned temperature.
+- Merge weights: (1 + cosine) / 2 per patch, the word itself counting 1 (a size-weighted
+  average in ToMe's sense, sizes replaced by similarities).
+- Position: learned embeddings added before the context layer, for patches and word slots.
+- Pooling: the adaptive token weights above, kept from circe's first reading.
+- Stage 1: one pseudo-target per query; both towers fine-tuned with `finetune_image` (the
+  paper); on a CPU the image tower stays frozen in both stages so that its features and
+  tokens are cached, and a stage 2 from a stage 1 that trained it must train it too.
 """
 
 from __future__ import annotations
