@@ -9,8 +9,10 @@ chosen on `val`; it reports on `test_phrasing`:
 - R@1 on the move queries (the split's own protocol, reference excluded);
 - cell accuracy of the probe over all nine cells;
 - accuracy on the two cells the move changes (the cell the object leaves and the one it
-  enters): what a query must get right to find the target rather than the reference, and
-  where a copy of the reference's layout scores 0.
+  enters): what a query must get right to find the target rather than the reference;
+- of the misses (top-1 not a target): the share whose top-1 has the target's objects in
+  other cells (the move itself missed), and the share with the target's layout but other
+  objects (the scene's content lost).
 
 Two rows frame the runs: the reference image's own embedding (what a query that ignores the
 text holds) and the target's (what a perfect query would hold), both from the default
@@ -51,6 +53,35 @@ def occupancy(scenes: dict, image_ids: list[str]) -> torch.Tensor:
         for obj in scenes[image_id]:
             cells[row, obj["cell"]] = 1
     return cells
+
+
+def objects(scene: list[dict]) -> list[tuple]:
+    return sorted((o["shape"], o["colour"], o["size"]) for o in scene)
+
+
+def cells(scene: list[dict]) -> list[int]:
+    return sorted(o["cell"] for o in scene)
+
+
+def misses(scores: torch.Tensor, exclude, queries, gallery_ids, scenes: dict) -> dict:
+    """Of the queries whose top-1 is not a target, the share (%) whose top-1 holds the
+    target's objects in other cells (the move missed), and the share whose top-1 holds the
+    target's layout with other objects (the scene's content lost)."""
+    top = scores.masked_fill(exclude, -torch.inf).argmax(dim=-1).tolist()
+    wrong = [(q, gallery_ids[t]) for q, t in zip(queries, top, strict=True)]
+    wrong = [(q, found) for q, found in wrong if found not in q.target_ids]
+    if not wrong:
+        return {"misses": 0, "right_objects_wrong_cells": 0.0, "right_cells_wrong_objects": 0.0}
+    target = [scenes[q.target_ids[0]] for q, _ in wrong]
+    found = [scenes[f] for _, f in wrong]
+    pairs = list(zip(target, found, strict=True))
+    same_objects = sum(objects(t) == objects(f) for t, f in pairs)
+    same_cells = sum(cells(t) == cells(f) and objects(t) != objects(f) for t, f in pairs)
+    return {
+        "misses": len(wrong),
+        "right_objects_wrong_cells": 100 * same_objects / len(wrong),
+        "right_cells_wrong_objects": 100 * same_cells / len(wrong),
+    }
 
 
 def probe_scores(weights: torch.Tensor, x: torch.Tensor, target: torch.Tensor, changed) -> dict:
@@ -118,11 +149,13 @@ def main() -> None:
         test = splits["test_phrasing"]
         gallery = encode_gallery(method, test, args.batch_size)
         target_mask, exclude = masks(test, moves["test_phrasing"])
-        recall = recall_at_k(queries["test_phrasing"] @ gallery.T, target_mask, (1, 10), exclude)
+        scores = queries["test_phrasing"] @ gallery.T
+        recall = recall_at_k(scores, target_mask, (1, 10), exclude)
         rows[label] = {
             "run": run,
             "move_R@1": recall[1],
             "move_R@10": recall[10],
+            **misses(scores, exclude, moves["test_phrasing"], test.gallery.ids, scenes),
             "probe": fit_probe(queries, targets, changed),
         }
     record = {
@@ -145,11 +178,19 @@ def main() -> None:
             "reference's layout gets 0 % there)."
         ),
         "",
-        "| query | move R@1 | move R@10 | cell accuracy | changed-cell accuracy |",
-        "|---|---|---|---|---|",
+        (
+            "| query | move R@1 | move R@10 | misses: right objects, wrong cells | misses: right "
+            "cells, wrong objects | cell accuracy | changed-cell accuracy |"
+        ),
+        "|---|---|---|---|---|---|---|",
     ]
     for label, row in rows.items():
-        recall = f"{row['move_R@1']:.1f} | {row['move_R@10']:.1f}" if "move_R@1" in row else "— | —"
+        recall = (
+            f"{row['move_R@1']:.1f} | {row['move_R@10']:.1f} | "
+            f"{row['right_objects_wrong_cells']:.0f} % | {row['right_cells_wrong_objects']:.0f} %"
+            if "move_R@1" in row
+            else "— | — | — | —"
+        )
         probe = row["probe"]
         lines.append(
             f"| {label} | {recall} | {probe['cell_accuracy']:.1f} | "
