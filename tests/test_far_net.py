@@ -252,3 +252,22 @@ def test_the_stage_terms_are_in_the_training_loss_from_the_first_step(config, tm
     new = [r["loss"] for r in read_log(tmp_path / "new", "step")]
     old = [r["loss"] for r in read_log(tmp_path / "old", "step")]
     assert new[0] != pytest.approx(old[0])  # the stage terms are in the loss from step one
+
+
+def test_word_dropout_hides_words_in_training_only_and_keeps_the_end_token(tiny_backbone):
+    method = randomised(create_method("far-net", tiny_backbone, word_dropout=0.5, dropout=0.0))
+    texts = ["make the small red circle large", "remove it"]
+    text = method.query_text_features(texts)
+    torch.manual_seed(0)
+    dropped = method._drop_words(text.mask)
+    assert (dropped <= text.mask).all() and dropped.sum() < text.mask.sum()
+    last = text.mask.sum(dim=1) - 1
+    assert dropped[torch.arange(2), last].all()  # the end token, which holds the whole text
+    pixels = random_pixels(tiny_backbone, 2)
+    image = method.query_image_features(pixels)
+    with torch.no_grad():
+        method.eval()
+        first, second = (method.compose(image, text).query for _ in range(2))
+        torch.testing.assert_close(first, second)  # evaluation sees every word
+        method.train()
+        assert not torch.allclose(method.compose(image, text).query, first)
