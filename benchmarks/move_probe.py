@@ -11,8 +11,9 @@ chosen on `val`; it reports on `test_phrasing`:
 - accuracy on the two cells the move changes (the cell the object leaves and the one it
   enters): what a query must get right to find the target rather than the reference;
 - of the misses (top-1 not a target): the share whose top-1 has the target's objects in
-  other cells (the move itself missed), and the share with the target's layout but other
-  objects (the scene's content lost).
+  other cells (the move itself missed), the share with the target's layout but other
+  objects, and the share that is another edit of the same reference (the target of another
+  query on it: the query did not carry which change was asked for).
 
 Two rows frame the runs: the reference image's own embedding (what a query that ignores the
 text holds) and the target's (what a perfect query would hold), both from the default
@@ -63,15 +64,20 @@ def cells(scene: list[dict]) -> list[int]:
     return sorted(o["cell"] for o in scene)
 
 
-def misses(scores: torch.Tensor, exclude, queries, gallery_ids, scenes: dict) -> dict:
+def misses(scores: torch.Tensor, exclude, queries, split, scenes: dict) -> dict:
     """Of the queries whose top-1 is not a target, the share (%) whose top-1 holds the
-    target's objects in other cells (the move missed), and the share whose top-1 holds the
-    target's layout with other objects (the scene's content lost)."""
+    target's objects in other cells (the move missed), the share whose top-1 holds the
+    target's layout with other objects (the scene's content lost), and the share whose
+    top-1 is the target of another query on the same reference (another edit of it)."""
     top = scores.masked_fill(exclude, -torch.inf).argmax(dim=-1).tolist()
-    wrong = [(q, gallery_ids[t]) for q, t in zip(queries, top, strict=True)]
+    wrong = [(q, split.gallery.ids[t]) for q, t in zip(queries, top, strict=True)]
     wrong = [(q, found) for q, found in wrong if found not in q.target_ids]
     if not wrong:
-        return {"misses": 0, "right_objects_wrong_cells": 0.0, "right_cells_wrong_objects": 0.0}
+        return {"misses": 0}
+    edits: dict[str, set] = {}
+    for query in split.queries:
+        edits.setdefault(query.reference_id, set()).update(query.target_ids)
+    other_edit = sum(found in edits[q.reference_id] for q, found in wrong)
     target = [scenes[q.target_ids[0]] for q, _ in wrong]
     found = [scenes[f] for _, f in wrong]
     pairs = list(zip(target, found, strict=True))
@@ -81,6 +87,7 @@ def misses(scores: torch.Tensor, exclude, queries, gallery_ids, scenes: dict) ->
         "misses": len(wrong),
         "right_objects_wrong_cells": 100 * same_objects / len(wrong),
         "right_cells_wrong_objects": 100 * same_cells / len(wrong),
+        "another_edit_of_the_reference": 100 * other_edit / len(wrong),
     }
 
 
@@ -155,7 +162,7 @@ def main() -> None:
             "run": run,
             "move_R@1": recall[1],
             "move_R@10": recall[10],
-            **misses(scores, exclude, moves["test_phrasing"], test.gallery.ids, scenes),
+            **misses(scores, exclude, moves["test_phrasing"], test, scenes),
             "probe": fit_probe(queries, targets, changed),
         }
     record = {
@@ -180,16 +187,18 @@ def main() -> None:
         "",
         (
             "| query | move R@1 | move R@10 | misses: right objects, wrong cells | misses: right "
-            "cells, wrong objects | cell accuracy | changed-cell accuracy |"
+            "cells, wrong objects | misses: another edit of the reference | cell accuracy | "
+            "changed-cell accuracy |"
         ),
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, row in rows.items():
         recall = (
             f"{row['move_R@1']:.1f} | {row['move_R@10']:.1f} | "
-            f"{row['right_objects_wrong_cells']:.0f} % | {row['right_cells_wrong_objects']:.0f} %"
+            f"{row['right_objects_wrong_cells']:.0f} % | {row['right_cells_wrong_objects']:.0f} % | "
+            f"{row['another_edit_of_the_reference']:.0f} %"
             if "move_R@1" in row
-            else "— | — | — | —"
+            else "— | — | — | — | —"
         )
         probe = row["probe"]
         lines.append(

@@ -46,7 +46,8 @@ shares π weigh the streams by it: an uncertainty trained as one, not a gate und
 name (the precisions still also get the final loss's gradient).
 
 Ablations: `far-net-final-loss-only` (circe's first FAR-Net: the final InfoNCE alone),
-`far-net-no-uncertainty-loss` (stage losses, no L_u), and one stage only:
+`far-net-no-uncertainty-loss` (stage losses, no L_u), `far-net-word-dropout` (an
+experiment: word tokens hidden at random in training, `word_dropout`), and one stage only:
 `far-net-esam-only` (q = norm(e)) and `far-net-arm-only` (q = norm(a)); a single stage has
 no stage loss beside the final one.
 
