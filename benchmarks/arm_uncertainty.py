@@ -17,17 +17,15 @@ free to be any gate. For each run given, on `test_phrasing` and per stream, this
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import torch
+from probe_runs import parse_runs, publish
 
 from circe.eval.evaluate import encode_gallery
 from circe.methods.checkpoint import load_trained_method
 from circe.train.data import load_split
 
-OUT = Path(__file__).resolve().parent / "results"
 SPLIT = "test_phrasing"
 
 
@@ -70,26 +68,11 @@ def measure(run: Path, split, batch_size: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", action="append", required=True, help="LABEL=RUN_DIR (repeat)")
-    parser.add_argument("--root", default="data/synthetic")
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--batch-size", type=int, default=256)
-    args = parser.parse_args()
+    args = parse_runs(__doc__.split("\n\n")[0])
     torch.set_num_threads(1)
     split = load_split("synthetic", args.root, SPLIT)
-    rows = {
-        label: measure(Path(run), split, args.batch_size)
-        for label, run in (item.split("=", 1) for item in args.run)
-    }
-    record = {
-        "command": "python benchmarks/arm_uncertainty.py "
-        + " ".join(f"--run {item}" for item in args.run),
-        "split": SPLIT,
-        "rows": rows,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "arm_uncertainty.json").write_text(json.dumps(record, indent=2))
+    rows = {label: measure(run, split, args.batch_size) for label, run in args.runs}
+    record = {"command": args.command, "split": SPLIT, "rows": rows}
     lines = [
         "# FAR-Net's ARM: is the variance an uncertainty?",
         "",
@@ -111,8 +94,7 @@ def main() -> None:
             f"{row['image']['error_over_variance']:.3g} | {row['text']['spearman']:.2f} | "
             f"{row['text']['error_over_variance']:.3g} | {row['image_share']:.2f} |"
         )
-    (args.out / "arm_uncertainty.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish(args.out, "arm_uncertainty", record, lines)
 
 
 if __name__ == "__main__":

@@ -27,13 +27,13 @@ Writes benchmarks/results/move_probe.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from position_probe import RIDGE, ridge
+from probe_runs import parse_runs, publish
 
 from circe.backbones import load_backbone
 from circe.data.render import GRID
@@ -42,7 +42,6 @@ from circe.eval.metrics import recall_at_k
 from circe.methods.checkpoint import load_trained_method
 from circe.train.data import load_split
 
-OUT = Path(__file__).resolve().parent / "results"
 SPLITS = ("train", "val", "test_phrasing")
 KIND = "move"
 
@@ -114,12 +113,7 @@ def fit_probe(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], changed: d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", action="append", required=True, help="LABEL=RUN_DIR (repeat)")
-    parser.add_argument("--root", default="data/synthetic")
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--batch-size", type=int, default=256)
-    args = parser.parse_args()
+    args = parse_runs(__doc__.split("\n\n")[0])
     torch.set_num_threads(1)
     scenes = json.loads((Path(args.root) / "annotations.json").read_text())["scenes"]
     splits = {name: load_split("synthetic", args.root, name) for name in SPLITS}
@@ -147,8 +141,8 @@ def main() -> None:
             "probe": fit_probe(image_rows(lambda q: q.target_ids[0]), targets, changed)
         },
     }
-    for label, run in (item.split("=", 1) for item in args.run):
-        method = load_trained_method(Path(run) / "best")
+    for label, run in args.runs:
+        method = load_trained_method(run / "best")
         queries = {
             name: encode_queries(method, moves[name], splits[name], args.batch_size)
             for name in SPLITS
@@ -159,20 +153,17 @@ def main() -> None:
         scores = queries["test_phrasing"] @ gallery.T
         recall = recall_at_k(scores, target_mask, (1, 10), exclude)
         rows[label] = {
-            "run": run,
+            "run": str(run),
             "move_R@1": recall[1],
             "move_R@10": recall[10],
             **misses(scores, exclude, moves["test_phrasing"], test, scenes),
             "probe": fit_probe(queries, targets, changed),
         }
     record = {
-        "command": "python benchmarks/move_probe.py "
-        + " ".join(f"--run {item}" for item in args.run),
+        "command": args.command,
         "move_queries": {name: len(m) for name, m in moves.items()},
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "move_probe.json").write_text(json.dumps(record, indent=2))
     lines = [
         "# Move queries: what the composed query knows of the target's layout",
         "",
@@ -205,8 +196,7 @@ def main() -> None:
             f"| {label} | {recall} | {probe['cell_accuracy']:.1f} | "
             f"{probe['changed_cell_accuracy']:.1f} |"
         )
-    (args.out / "move_probe.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish(args.out, "move_probe", record, lines)
 
 
 if __name__ == "__main__":
