@@ -489,3 +489,23 @@ def test_stage1_aligns_the_text_alone_and_can_train_the_image_tower(
     )
     for a, b in zip(second.backbone.tower_parameters("image"), image_tower, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_checkpoint_saved_before_the_merge_loads_as_the_first_design(config, tmp_path):
+    run = train(
+        config.replace(max_steps=1, method_config={"merge": False}), tmp_path / "run", False
+    )
+    best = load_checkpoint(run.run_dir / "last").path  # the checkpoint directory itself
+    size = 32
+    pixels, texts = torch.randn(2, 3, size, size), ["make the circle red", "remove the square"]
+    with torch.no_grad():
+        expected = load_trained_method(best).encode_queries(pixels, texts)
+    # What a checkpoint written before the merge and the text-alone stage 1 holds:
+    info = json.loads((best / "config.json").read_text())
+    for added in ("merge", "merge_ratio", "alignment", "finetune_image"):
+        del info["method_config"][added]
+    (best / "config.json").write_text(json.dumps(info))
+    old = load_trained_method(best)
+    assert not old.config.merge and old.config.alignment == "composed"
+    with torch.no_grad():
+        torch.testing.assert_close(old.encode_queries(pixels, texts), expected)

@@ -6,7 +6,7 @@ import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +89,10 @@ class CIRMethod(nn.Module, ABC):
     # What must exist before this method can be created, for a user to read ("" = nothing):
     # DAFM fuses trained members, so it is not part of "every method" runs.
     requires: ClassVar[str] = ""
+    # Config fields added after checkpoints of the method were already being saved, with the
+    # value that rebuilds those checkpoints as they were trained (a saved config holds every
+    # field it had, so only older ones miss any): `load_trained_method` fills them in.
+    settings_before_they_existed: ClassVar[dict[str, Any]] = {}
     # What the method consumes and trains (a property where it depends on the config). A
     # plain method takes pixels and trains whatever of its backbone has gradients.
     inputs: MethodInputs = MethodInputs(query="pixels", trains=frozenset(TOWERS))

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from circe.atomic import fsync_path
 from circe.backbones import WeightsNotFoundError, load_backbone
 from circe.backbones.base import Backbone
-from circe.methods.base import CIRMethod, create_method
+from circe.methods.base import CIRMethod, create_method, method_class
 from circe.methods.plan import stores_backbone
 
 FORMAT_VERSION = 1
@@ -173,7 +173,8 @@ def load_trained_method(
             f"{backbone.identity.spec} now loads {backbone.identity.weights_sha256[:12]}: pass "
             "the backbone weights it was trained with"
         )
-    method = create_method(info["method"], backbone, **info["method_config"])
+    older = method_class(info["method"]).settings_before_they_existed
+    method = create_method(info["method"], backbone, **{**older, **info["method_config"]})
     method_weights = {
         k.removeprefix("method."): v
         for k, v in checkpoint.weights.items()

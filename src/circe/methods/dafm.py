@@ -66,6 +66,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -211,6 +212,8 @@ class DAFM(CIRMethod):
     """Per-query weighted fusion of trained members' similarities (gate: ~(ΣD + 4M)·h)."""
 
     requires = "trained member runs (config `members`: RUN_DIR/best of each)"
+    # Checkpoints saved before calibration and top-k statistics are the first design.
+    settings_before_they_existed: ClassVar[dict] = {"calibration": "none", "statistics": "anchors"}
     # Raw inputs, from which it computes its own training inputs (`training_features`). Its
     # own backbone (the trainer's `backbone`) only identifies the run and places the members
     # on their device: no tower trains, so it is not stored, like a frozen backbone.

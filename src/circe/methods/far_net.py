@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -284,6 +285,13 @@ class FARNet(FrozenBackboneMethod):
     backbone's token sequences (about 0.52M parameters at d = 128 on circe-tiny)."""
 
     inputs = MethodInputs(query="tokens")
+    # Checkpoints saved before the stage losses were trained by the final loss alone (the
+    # weights change training only; recorded so that the rebuilt config says what was done).
+    settings_before_they_existed: ClassVar[dict] = {
+        "esam_loss": 0.0,
+        "arm_loss": 0.0,
+        "uncertainty_loss": 0.0,
+    }
 
     def __init__(self, backbone: Backbone, **config):
         super().__init__(backbone)

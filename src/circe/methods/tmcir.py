@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -293,6 +294,9 @@ class AdaptiveTokenFusion(nn.Module):
 class TMCIR(FrozenBackboneMethod):
     """Stage 1: the text tower aligned on pseudo-targets; stage 2: adaptive token fusion
     (about 0.19M fusion parameters at d = 128 on circe-tiny, plus the text tower)."""
+
+    # Checkpoints saved before the token merge and the text-alone stage 1 are the first design.
+    settings_before_they_existed: ClassVar[dict] = {"merge": False, "alignment": "composed"}
 
     def __init__(self, backbone: Backbone, **config):
         self.config = c = TMCIRConfig(**config)
