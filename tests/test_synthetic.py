@@ -27,6 +27,7 @@ from circe.data.phrasing import (
 from circe.data.render import COLOURS, SHAPES, render_scene, write_words
 from circe.data.synthetic import (
     EDIT_KINDS,
+    FORMAT_VERSION,
     GENERATED_SPLITS,
     HELD_OUT_COMBINATIONS,
     SPLITS,
@@ -250,7 +251,8 @@ def test_loading_errors_name_the_problem(tmp_path):
     meta = json.loads((root / "meta.json").read_text())
     (root / "meta.json").write_text(json.dumps({**meta, "format": 1}))
     with pytest.raises(
-        DatasetFormatError, match=r"format 1; this circe reads format 2.*circe synth"
+        DatasetFormatError,
+        match=rf"format 1; this circe reads format {FORMAT_VERSION}.*circe synth",
     ):
         load_synthetic(root, "val")
     (root / "meta.json").write_text(json.dumps(meta))

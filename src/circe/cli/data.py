@@ -28,7 +28,8 @@ def synth(
     image_size: Annotated[int, typer.Option(help="Side of the rendered images in pixels.")] = 128,
 ) -> None:
     """Write the synthetic benchmark (PNG images + JSON annotations), deterministic from SEED.
-    `val_phrasing` and `test_phrasing` hold val's and test's pairs worded anew."""
+    `val_phrasing` and `test_phrasing` hold val's and test's pairs worded anew with held-out
+    phrasing families, `val_free` and `test_free` the same pairs worded by independent rules."""
     from circe.data.synthetic import (
         SPLITS,
         SynthConfig,
@@ -55,7 +56,12 @@ def synth(
     for split in SPLITS:
         loaded = load_synthetic(root, split)
         words = wordings[split]
-        shared = "" if split == "train" else f" ({words['wordings_in_train']} also in train)"
+        shared = ""
+        if split != "train":
+            shared = (
+                f" ({words['wordings_in_train']} also in train), "
+                f"{words['skeletons_in_train']} texts worded like a train text"
+            )
         console.print(
             f"{split:>13}: {len(loaded.queries)} queries, {len(loaded.gallery)} images, "
             f"{words['texts']} distinct texts, {words['wordings']} wordings{shared}"

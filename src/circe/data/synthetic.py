@@ -11,7 +11,11 @@ appears in two splits). `test_unseen` asks for colour-shape combinations that no
 modification text of the other splits ever mentions (`HELD_OUT_COMBINATIONS`), to
 measure compositional generalisation. `test_phrasing` (`val_phrasing`) holds `test`'s
 (`val`'s) pairs worded with phrasing families that no training text uses: whether a
-method learned the words or the wording.
+method learned the words or the wording. `test_free` (`val_free`) holds the same pairs
+worded by `circe.data.free_wording`, rules written apart from the generator's (its own
+frames, verbs and ways of naming an object): how much of a method's recall on new wording
+was only the generator's habits. Only `val_free` may choose a recipe; `test_free` is only
+reported.
 
 Everything is a pure function of the seed and sizes.
 """
@@ -21,12 +25,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from circe.data.phrasing import SPLIT_POOL, phrase_edit, with_article
+from circe.data.free_wording import word_edit
+from circe.data.phrasing import COMPARATIVES, SIZE_WORDS, SPLIT_POOL, phrase_edit, with_article
 from circe.data.render import (
     COLOURS,
     GRID,
@@ -42,15 +48,27 @@ from circe.data.types import CIRSplit, DatasetFormatError, Gallery, Query
 
 EDIT_KINDS = ("add", "remove", "recolour", "resize", "reshape", "move")
 UNSEEN_KINDS = ("add", "recolour", "reshape")
-# Generated splits, then the rephrased ones: `val_phrasing` / `test_phrasing` hold the pairs of
-# `val` / `test` worded only with held-out phrasing families (`circe.data.phrasing`).
-SPLITS = ("train", "val", "val_phrasing", "test", "test_phrasing", "test_unseen")
+SPLITS = (
+    "train",
+    "val",
+    "val_phrasing",
+    "val_free",
+    "test",
+    "test_phrasing",
+    "test_free",
+    "test_unseen",
+)
 GENERATED_SPLITS = ("train", "val", "test", "test_unseen")  # disjoint scenes
+# The others reword a generated split's pairs (same references, targets and edits):
+# *_phrasing with held-out phrasing families (`circe.data.phrasing`), *_free by the
+# independent rules of `circe.data.free_wording`.
+REWORDED = {"val_phrasing": "val", "val_free": "val", "test_phrasing": "test", "test_free": "test"}
 # (colour, shape) pairs that no modification text outside `test_unseen` talks about.
 HELD_OUT_COMBINATIONS = frozenset(
     {("red", "triangle"), ("blue", "circle"), ("green", "diamond"), ("yellow", "square")}
 )
-FORMAT_VERSION = 2  # 2: free phrasing with held-out families, the *_phrasing splits
+# 2: free phrasing with held-out families, the *_phrasing splits; 3: the *_free splits
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -82,7 +100,7 @@ class SynthConfig:
                 raise ValueError(f"the {split} size must not be negative, got {size}")
 
     def split_sizes(self) -> dict[str, int]:
-        """Queries per generated split (the *_phrasing splits mirror val and test)."""
+        """Queries per generated split (the reworded splits mirror val and test)."""
         return {
             "train": self.train,
             "val": self.val,
@@ -239,31 +257,34 @@ def generate(config: SynthConfig = SynthConfig()) -> SyntheticData:
             data.scenes[scene_id] = scene
         data.split_images[split] = list(ids.values())
         data.split_queries[split] = queries
-    for split, pool in SPLIT_POOL.items():
-        _rephrase(data, split, pool)
+    for split, source in REWORDED.items():
+        _reword(data, split, source)
     return data
 
 
-def _rephrase(data: SyntheticData, split: str, pool: str) -> None:
-    """`split` = the same pairs as its source split (`test_phrasing` <- `test`), every text
-    worded anew from the held-out families of `pool`."""
-    source = split.removesuffix("_phrasing")
+def _reword(data: SyntheticData, split: str, source: str) -> None:
+    """`split` = the same pairs as `source` (`test_free` <- `test`), every text worded anew:
+    from the held-out families of its phrasing pool (*_phrasing) or by the rules of
+    `circe.data.free_wording` (*_free), with a random stream of its own."""
     rng = random.Random(f"circe-synthetic/{data.config.seed}/{split}")
     prefix = split.replace("_", "")
     queries = []
     for n, query in enumerate(data.split_queries[source]):
         before, after = stated_objects(query["edit"])
-        reference = data.scenes[query["reference"]]
-        phrased = phrase_edit(
-            query["kind"], reference, before, after, rng, pool, avoid=HELD_OUT_COMBINATIONS
-        )
+        edit_args = (query["kind"], data.scenes[query["reference"]], before, after, rng)
+        if split in SPLIT_POOL:
+            phrased = phrase_edit(*edit_args, SPLIT_POOL[split], avoid=HELD_OUT_COMBINATIONS)
+            text, wording, families = phrased.text, phrased.frame, phrased.families
+        else:
+            free = word_edit(*edit_args, avoid=HELD_OUT_COMBINATIONS)
+            text, wording, families = free.text, free.wording, free.families
         queries.append(
             {
                 **query,
                 "query_id": f"{prefix}-q{n:05d}",
-                "text": phrased.text,
-                "wording": phrased.frame,
-                "families": list(phrased.families),
+                "text": text,
+                "wording": wording,
+                "families": list(families),
             }
         )
     data.split_images[split] = list(data.split_images[source])
@@ -334,12 +355,43 @@ def write_synthetic(
     return root
 
 
+# Words that carry a scene's content, by the slot they fill: the benchmark's own, and the
+# other size and place words of `circe.data.phrasing` ("huge", "bigger", "upper", "centre").
+CONTENT_WORDS = {
+    **dict.fromkeys(COLOURS, "{colour}"),
+    **dict.fromkeys(SHAPES, "{shape}"),
+    **dict.fromkeys(SIZES, "{size}"),
+    **{
+        word: "{size}"
+        for table in (SIZE_WORDS, COMPARATIVES)
+        for options in table.values()
+        for _, word in options
+        if " " not in word  # "a lot bigger", "less big": their size words occur alone too
+    },
+    **dict.fromkeys(
+        {w for place in POSITIONS for w in place.split()} | {"upper", "lower", "centre"},
+        "{place}",
+    ),
+}
+
+
+def skeleton(text: str) -> str:
+    """A text's wording, read off the text itself: lower case, punctuation and spacing gone,
+    content words slotted out ('Remove the small red circle!' -> 'remove the {size} {colour}
+    {shape}'). Unlike the recorded `wording` it compares texts of different generators."""
+    return " ".join(CONTENT_WORDS.get(w, w) for w in re.findall(r"[a-z']+", text.lower()))
+
+
 def wording_stats(root: Path) -> dict[str, dict[str, int]]:
-    """Per split: distinct texts, distinct wordings (frames with their slots unfilled), and
-    how many of its texts and wordings also occur in `train` (0 for the *_phrasing splits)."""
+    """Per split: distinct texts, distinct wordings (as each generator records them: frames
+    with their slots unfilled), how many of its texts and wordings also occur in `train` (0
+    for the reworded splits), and how many of its texts have the `skeleton` of a train text
+    (the comparison that also holds for the *_free splits, whose wordings are written in
+    another notation)."""
     splits = json.loads((Path(root) / "annotations.json").read_text())["splits"]
     train = splits["train"]["queries"]
     train_texts, train_wordings = {q["text"] for q in train}, {q["wording"] for q in train}
+    train_skeletons = {skeleton(text) for text in train_texts}
     stats = {}
     for split, part in splits.items():
         texts = {q["text"] for q in part["queries"]}
@@ -349,6 +401,7 @@ def wording_stats(root: Path) -> dict[str, dict[str, int]]:
             "wordings": len(wordings),
             "texts_in_train": len(texts & train_texts) if split != "train" else len(texts),
             "wordings_in_train": len(wordings & train_wordings),
+            "skeletons_in_train": sum(skeleton(t) in train_skeletons for t in texts),
         }
     return stats
 
@@ -367,8 +420,9 @@ def load_synthetic(root: Path, split: str = "test") -> CIRSplit:
     if written != FORMAT_VERSION:
         raise DatasetFormatError(
             f"{root} holds a synthetic benchmark of format {written}; this circe reads format "
-            f"{FORMAT_VERSION} (free wording, the val_phrasing and test_phrasing splits): "
-            f"delete it and run `circe synth --out {root}`"
+            f"{FORMAT_VERSION} (free wording, the val_phrasing and test_phrasing splits, and "
+            "val_free and test_free worded by independent rules): delete it and run "
+            f"`circe synth --out {root}`"
         )
     annotations = json.loads(annotations_path.read_text())
     part = annotations["splits"][split]
