@@ -57,8 +57,44 @@ def tiny_backbone(tiny_weights):
 
 @pytest.fixture(scope="session")
 def default_backbone():
-    """The shipped circe-tiny with its committed weights."""
+    """The shipped circe-minilm: its committed weights over the packaged language model."""
     return load_backbone("default")
+
+
+@pytest.fixture(scope="session")
+def tiny_language_model(tmp_path_factory):
+    """A randomly initialised 2-layer BERT with a letter-level WordPiece vocabulary, saved as
+    `save_pretrained` saves one: the text tower of tests that need no real language."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789,.?!'")
+    words = ["the", "red", "blue", "circle", "square", "remove", "add", "left", "top"]
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {t: i for i, t in enumerate(special + letters + [f"##{c}" for c in letters] + words)}
+    # Built with `tokenizers` (BERT's normaliser, splitting and [CLS] ... [SEP]), saved as a
+    # fast tokenizer: what transformers 4 and 5 both read back with AutoTokenizer.
+    wordpiece = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wordpiece.decoder = decoders.WordPiece()
+    wordpiece.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokens = dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), special))
+    PreTrainedTokenizerFast(tokenizer_object=wordpiece, **tokens).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from circe import backbones
 from circe.backbones import (
-    DEFAULT_CONFIG_PATH,
+    TINY_CONFIG_PATH,
     Backbone,
     CorruptWeightsError,
     WeightsNotFoundError,
@@ -137,15 +137,15 @@ def test_openclip_hub_style_wrapped_config(tmp_path):
         assert torch.equal(bb.encode_image(pixels), model.encode_image(pixels))
 
 
-def test_default_backbone_loads_shipped_config_and_weights(tmp_path, monkeypatch):
+def test_circe_tiny_loads_shipped_config_and_weights(tmp_path, monkeypatch):
     # Stand-in for the shipped circe-tiny.safetensors (which `circe pretrain` produces).
     assert register_builtin_config() == "circe-tiny"
     model, _, _ = build_openclip_model("circe-tiny")
     weights = _save_state_dict(model, tmp_path / "circe-tiny.safetensors")
-    monkeypatch.setattr(backbones, "DEFAULT_WEIGHTS_PATH", weights)
+    monkeypatch.setattr(backbones, "TINY_WEIGHTS_PATH", weights)
 
-    bb = load_backbone()  # "default"
-    cfg = json.loads(DEFAULT_CONFIG_PATH.read_text())
+    bb = load_backbone("circe-tiny")
+    cfg = json.loads(TINY_CONFIG_PATH.read_text())
     assert bb.identity.spec == "circe-tiny"
     assert bb.identity.weights == "builtin:circe-tiny"
     assert bb.identity.image_size == cfg["vision_cfg"]["image_size"]
@@ -210,11 +210,15 @@ def test_missing_weights_file_names_the_path(tmp_path):
         load_backbone("open_clip:ViT-B-32")  # weights are required
 
 
-def test_missing_default_weights_point_to_pretrain(tmp_path, monkeypatch):
-    absent = tmp_path / "circe-tiny.safetensors"
-    monkeypatch.setattr(backbones, "DEFAULT_WEIGHTS_PATH", absent)
+@pytest.mark.parametrize(
+    ("spec", "attribute"),
+    [("default", "DEFAULT_WEIGHTS_PATH"), ("circe-tiny", "TINY_WEIGHTS_PATH")],
+)
+def test_missing_shipped_weights_point_to_pretrain(tmp_path, monkeypatch, spec, attribute):
+    absent = tmp_path / "shipped.safetensors"
+    monkeypatch.setattr(backbones, attribute, absent)
     with pytest.raises(WeightsNotFoundError, match="circe pretrain") as err:
-        load_backbone("default")
+        load_backbone(spec)
     assert str(absent) in str(err.value)
 
 

@@ -236,3 +236,23 @@ def test_bench_quality_trains_every_standalone_method_by_default(
     assert {"dafm", "dafm-equal", "combiner-ft"}.isdisjoint(methods)
     assert not any(variant_of(name) for name in methods)
     assert trained == [name for name in methods if method_class(name).trainable]
+
+
+def test_bench_quality_keeps_the_backbone_its_config_names(
+    bench, tiny_weights, tmp_path, monkeypatch
+):
+    """A committed bench config pins the backbone its results were measured on; the command
+    must not swap in the default one unless --backbone says so."""
+    arch, weights = tiny_weights
+    config = tmp_path / "bench.yaml"
+    config.write_text(f"backbone: open_clip:{arch}\nbackbone_weights: {weights}\n")
+    used = []
+
+    def fake_runs(config, seeds, progress, runs_dir=None):
+        used.append(config.backbone)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(circe.bench.quality, "_trained_runs", fake_runs)
+    args = ["bench", "quality", "--root", bench, "--seeds", 1, "--config", config]
+    result = run(*args, "--method", "combiner", "--out", tmp_path / "out")
+    assert "stop here" in result.output and used == [f"open_clip:{arch}"]

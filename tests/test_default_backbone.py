@@ -1,5 +1,6 @@
-"""Regression guards on the shipped circe-tiny weights: if retraining or a preprocessing
-change makes them worse, these fail."""
+"""Regression guards on the shipped default backbone (circe-minilm: the committed image
+tower and projection over the packaged all-MiniLM-L6-v2): if retraining or a preprocessing
+change makes it worse, these fail."""
 
 import pytest
 import torch
@@ -23,8 +24,12 @@ def zero_shot(default_backbone, tmp_path_factory):
 
 def test_identity_names_the_shipped_weights(default_backbone):
     identity = default_backbone.identity
-    assert identity.spec == "circe-tiny" and identity.image_size == 64
+    assert identity.spec == "circe-minilm" and identity.image_size == 64
+    assert identity.weights == "builtin:circe-minilm"
     assert len(identity.weights_sha256) == 64
+    # The text tower is the packaged language model, its files hashed and recorded.
+    assert len(default_backbone.text_weights_sha256) == 64
+    assert default_backbone.text.config.num_hidden_layers == 6
 
 
 @torch.no_grad()

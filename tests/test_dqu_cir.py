@@ -203,14 +203,14 @@ def test_training_lowers_the_loss_and_the_checkpoint_reloads(tmp_path, tiny_weig
 
 def test_a_long_caption_is_cut_never_the_modification(default_backbone):
     """T_u must fit the text encoder's context; what gives way is the caption, from its end."""
-    caption = ", ".join(f"a small red circle in the top left number {n}" for n in range(8))
+    caption = ", ".join(f"a small red circle in the top left number {n}" for n in range(16))
     text = "could you erase the large blue square at the bottom right?"
     within = lambda t: len(t.split()) <= 32  # two parts of 10 words fit
     fitted = fitted_unified_text(caption, text, "{caption}, but {text}", within)
     assert fitted.endswith(text) and within(fitted)
     assert fitted.startswith("a small red circle in the top left number 0")
     assert fitted.count("number") == 2  # whole trailing parts dropped, not words
-    # On the real tokenizer (circe-tiny: 48 tokens), the unified text then reaches it whole.
+    # On the real tokenizer (circe-minilm: 128 tokens), the unified text then reaches it whole.
     assert not default_backbone.fits_context(f"{caption}, but {text}")
     fitted = fitted_unified_text(
         caption, text, "{caption}, but {text}", default_backbone.fits_context

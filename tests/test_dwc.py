@@ -167,4 +167,4 @@ def test_dwc_trains_and_its_loss_falls(tmp_path, finetune_text):
     result = train(config, tmp_path / "run", progress=False)
     epochs = [r for r in read_log(result.run_dir) if r["kind"] == "epoch"]
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
-    assert set(result.results["test"]) == {"test", "test_phrasing", "test_unseen"}
+    assert set(result.results["test"]) == {"test", "test_free", "test_phrasing", "test_unseen"}

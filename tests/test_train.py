@@ -49,7 +49,7 @@ def test_loss_falls_and_the_run_is_recorded(config, tmp_path):
     steps = read_log(tmp_path / "run", "step")
     assert len(steps) == 8 * (96 // 16) and steps[0]["lr"] < steps[1]["lr"]  # warm-up
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert set(results["test"]) == {"test", "test_phrasing", "test_unseen"}
+    assert set(results["test"]) == {"test", "test_free", "test_phrasing", "test_unseen"}
     assert set(results["test"]["test"]) == {"R@1", "R@5", "R@10", "R@50"}
     assert results["parameters"]["trainable"] > 0 and results["train_seconds"] > 0
     best = load_checkpoint(tmp_path / "run")  # a run directory means its best

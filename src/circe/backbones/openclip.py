@@ -368,12 +368,9 @@ class OpenClipBackbone(Backbone):
             and hasattr(visual, "ln_post")
             and getattr(visual, "attn_pool", None) is None
         ):
-            with _OutputCapture(visual.transformer) as captured:
-                pooled = self.model.encode_image(pixels, normalize=False)  # [B, D]
-            hidden = captured[-1]
-            if not hasattr(visual.transformer, "batch_first"):  # open_clip <= 2.24: [1+N, B, W]
-                hidden = hidden.permute(1, 0, 2)
-            seq = visual.ln_post(hidden)  # [B, 1 + N, W]
+            pooled, seq = vit_tokens(
+                visual, lambda: self.model.encode_image(pixels, normalize=False)
+            )
         else:
             raise NotImplementedError(
                 f"its image tower {type(visual).__name__} pools by attention over its tokens "
@@ -452,6 +449,18 @@ class OpenClipBackbone(Backbone):
             f"tokens=True is not supported for the text tower of {type(model).__name__} "
             f"({type(text).__name__})"
         )
+
+
+def vit_tokens(visual, encode) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled `[B, D]`, tokens `[B, 1 + N, W]`) of an open_clip VisionTransformer: `encode()`
+    runs the forward that pools, and the hidden states leaving `visual.transformer` are caught
+    on the way and passed through `visual.ln_post`, the tensor the pooling reads."""
+    with _OutputCapture(visual.transformer) as captured:
+        pooled = encode()  # [B, D]
+    hidden = captured[-1]
+    if not hasattr(visual.transformer, "batch_first"):  # open_clip <= 2.24: [1+N, B, W]
+        hidden = hidden.permute(1, 0, 2)
+    return pooled, visual.ln_post(hidden)
 
 
 def _with_summary(tokens: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Per seed, with one training config (the one of `circe bench quality`, seed replaced): train
 each member method, optionally add a member with random weights (DAFM should learn to
 distrust it), train `dafm` over the members, and build `dafm-equal` over the same members.
-On `test_phrasing`, `test` and `test_unseen`, every member is encoded once as `circe eval` encodes it, and
+On `test_free`, `test_phrasing`, `test` and `test_unseen`, every member is encoded once as
+`circe eval` encodes it, and
 both fusions are computed from those member embeddings with their own fusion functions
 (`encode_queries_from_features`, exactly what their raw-input encoders do). The best single
 member is the member with the best mean R@1 over seeds, per split.

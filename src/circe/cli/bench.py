@@ -11,7 +11,7 @@ import typer
 
 from circe.cli.common import (
     DEFAULT_SYNTHETIC_ROOT,
-    BackboneOption,
+    ConfigBackboneOption,
     RootOption,
     ThreadsOption,
     WeightsOption,
@@ -62,7 +62,7 @@ def bench_quality(
         ),
     ] = None,
     config: ConfigOption = None,
-    backbone: BackboneOption = "default",
+    backbone: ConfigBackboneOption = None,
     weights: WeightsOption = None,
     threads: ThreadsOption = None,
     runs: RunsOption = None,
@@ -147,7 +147,7 @@ def bench_cache_speed(
     out: BenchOutOption = Path("benchmarks/results"),
     method: str = "combiner",
     batch_size: int | None = None,
-    backbone: BackboneOption = "default",
+    backbone: ConfigBackboneOption = None,
     weights: WeightsOption = None,
     threads: ThreadsOption = None,
 ) -> None:
@@ -183,7 +183,7 @@ def bench_fusion(
     ] = False,
     epochs: EpochsOption = None,
     config: ConfigOption = None,
-    backbone: BackboneOption = "default",
+    backbone: ConfigBackboneOption = None,
     weights: WeightsOption = None,
     threads: ThreadsOption = None,
     runs: RunsOption = None,
@@ -197,8 +197,8 @@ def bench_fusion(
     split: Annotated[
         list[str] | None,
         typer.Option(
-            help="Splits to score (default: the synthetic benchmark's test_phrasing, test, "
-            "test_unseen; on CIRR give val, which adds both readings of Rmean)."
+            help="Splits to score (default: the synthetic benchmark's test_free, test_phrasing, "
+            "test, test_unseen; on CIRR give val, which adds both readings of Rmean)."
         ),
     ] = None,
 ) -> None:

@@ -27,7 +27,15 @@ DEFAULT_SYNTHETIC_ROOT = Path("data/synthetic")
 
 BackboneOption = Annotated[
     str,
-    typer.Option(help="default | open_clip:ARCH (with --weights FILE) | hf:MODEL_DIR"),
+    typer.Option(help="default | circe-tiny | open_clip:ARCH (with --weights FILE) | hf:MODEL_DIR"),
+]
+# For commands that read a training config: None keeps the config's backbone.
+ConfigBackboneOption = Annotated[
+    str | None,
+    typer.Option(
+        help="default | circe-tiny | open_clip:ARCH (with --weights FILE) | hf:MODEL_DIR "
+        "(default: the config's, else default)"
+    ),
 ]
 WeightsOption = Annotated[
     Path | None, typer.Option(help="Local weights file for an open_clip backbone.")

@@ -56,8 +56,11 @@ def _description(cls: type[CIRMethod], needs: str) -> str:
 
 def pretrain(
     out: Annotated[Path, typer.Option(help="Weights file to write (safetensors).")] = Path(
-        "circe-tiny.safetensors"
+        "circe-minilm.safetensors"
     ),
+    backbone: Annotated[
+        str, typer.Option(help="circe-minilm (the default) or circe-tiny (the earlier one).")
+    ] = PretrainConfig.backbone,
     steps: int = PretrainConfig.steps,
     images: Annotated[int, typer.Option(help="Size of the rendered image pool.")] = (
         PretrainConfig.images
@@ -65,21 +68,38 @@ def pretrain(
     batch_size: int = PretrainConfig.batch_size,
     lr: float = PretrainConfig.lr,
     warmup_steps: int = PretrainConfig.warmup_steps,
+    text_layers_trained: Annotated[
+        int, typer.Option(help="circe-minilm: top language-model layers trained (0: locked).")
+    ] = PretrainConfig.text_layers_trained,
+    text_lr: Annotated[
+        float, typer.Option(help="circe-minilm: learning rate of those layers.")
+    ] = PretrainConfig.text_lr,
+    paraphrase_batch: Annotated[
+        int, typer.Option(help="circe-tiny: paraphrase pairs per step (its shipped run: 128).")
+    ] = PretrainConfig.paraphrase_batch,
     seed: int = 0,
     threads: Annotated[int, typer.Option(help="Torch CPU threads (0: torch default).")] = 0,
 ) -> None:
-    """Pretrain the default backbone (circe-tiny, a small CLIP) on synthetic image-text pairs."""
+    """Pretrain the default backbone's image tower against its language model (or all of
+    circe-tiny) on synthetic image-text pairs. Run it again to resume an interrupted run."""
     from circe.pretrain import pretrain as run
 
-    config = PretrainConfig(
-        seed=seed,
-        images=images,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        warmup_steps=warmup_steps,
-        threads=threads,
-    )
+    try:
+        config = PretrainConfig(
+            backbone=backbone,
+            seed=seed,
+            images=images,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            warmup_steps=warmup_steps,
+            text_layers_trained=text_layers_trained,
+            text_lr=text_lr,
+            paraphrase_batch=paraphrase_batch,
+            threads=threads,
+        )
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
     report = run(out, config, track)
     console.print_json(json.dumps(report))
     console.print(f"weights written to {out}")

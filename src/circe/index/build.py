@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from circe.backbones import DEFAULT_NAME, DEFAULT_WEIGHTS_PATH, file_sha256
+from circe.backbones import backbone_weights_sha256, file_sha256
 from circe.index.engine import EngineOptions, build_engine
 from circe.index.files import Failure, ImageFile, scan_gallery
 from circe.index.identity import MethodIdentity, MethodSource, identity_of
@@ -220,11 +220,7 @@ def _hashes(source: MethodSource) -> tuple[str | None, str | None]:
             return None, None
         backbone = json.loads(config.read_text())["backbone"]["weights_sha256"]
         return backbone, file_sha256(weights)
-    if source.weights is not None and Path(source.weights).is_file():
-        return file_sha256(source.weights), None
-    if source.weights is None and source.backbone in ("default", DEFAULT_NAME):
-        return file_sha256(DEFAULT_WEIGHTS_PATH), None
-    return None, None
+    return backbone_weights_sha256(source.backbone, source.weights), None
 
 
 def build_index(

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from circe.atomic import fsync_path
 from circe.backbones import WeightsNotFoundError, load_backbone
 from circe.backbones.base import Backbone
+from circe.methods.adaptation import adapt_text_tower, adaptation_of
 from circe.methods.base import CIRMethod, create_method, method_class
 from circe.methods.plan import stores_backbone
 
@@ -175,6 +176,7 @@ def load_trained_method(
         )
     older = method_class(info["method"]).settings_before_they_existed
     method = create_method(info["method"], backbone, **{**older, **info["method_config"]})
+    adapt_text_tower(method, *adaptation_of(info["train_config"]))  # the adapters it trained
     method_weights = {
         k.removeprefix("method."): v
         for k, v in checkpoint.weights.items()

@@ -50,6 +50,16 @@ class TrainConfig:
     grad_accum_steps: int = 1
     lr: float = 2e-3  # fusion (non-backbone) parameters
     backbone_lr: float = 1e-5  # backbone parameters, for methods that train the backbone
+    # How a method that trains its text tower changes it (`circe.methods.adaptation`):
+    # "full" (every weight, at backbone_lr) or "lora" (low-rank adapters of rank `lora_rank`
+    # on the attention projections, peft's LoRA; the pretrained weights stay as they are).
+    # Freezing the tower is the method's own setting (combiner vs combiner-ft, DWC's
+    # finetune_text, DQU-CIR's finetune).
+    text_adaptation: str = "full"
+    lora_rank: int = 8
+    # L2-SP: the loss gains (l2sp_weight / 2) * ||θ - θ₀||² over the trained backbone weights θ,
+    # θ₀ their pretrained values: fine-tuning pulled towards what the tower already knows.
+    l2sp_weight: float = 0.0
     weight_decay: float = 0.05
     # Which parameters decay: "matrices" (biases, norms and the temperature get none) or
     # "all" (AdamW on every parameter, as DQU-CIR's code does).
@@ -104,7 +114,9 @@ class TrainConfig:
     # "sum:R@10,R@50" on FashionIQ).
     selection_metric: str = "r1-r10-r50"
     # Splits the best checkpoint is scored on at the end (the synthetic benchmark's by default).
-    test_splits: list[str] = field(default_factory=lambda: ["test", "test_phrasing", "test_unseen"])
+    test_splits: list[str] = field(
+        default_factory=lambda: ["test", "test_free", "test_phrasing", "test_unseen"]
+    )
     eval_batch_size: int = 256
 
     # Stop (and save `last`) after this many optimizer steps; not kept by `resume`.
@@ -147,6 +159,11 @@ class TrainConfig:
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
         _one_of("weight_decay_on", self.weight_decay_on, ("matrices", "all"))
+        _one_of("text_adaptation", self.text_adaptation, ("full", "lora"))
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be at least 1, got {self.lora_rank}")
+        if self.l2sp_weight < 0:
+            raise ValueError(f"l2sp_weight must not be negative, got {self.l2sp_weight}")
         _one_of("lr_schedule", self.lr_schedule, ("cosine", "constant", "step"))
         _one_of("temperature_learned_as", self.temperature_learned_as, ("log-temperature", "scale"))
         if self.lr_schedule == "step" and not self.lr_milestones:

@@ -32,6 +32,7 @@ class ContrastiveObjective(nn.Module):
     ):
         super().__init__()
         self.method = method
+        self.l2sp_weight = 0.0  # `pull_towards_start` sets it
         # The logits are cos / τ = cos × s. One of the two is stored: log τ (CLIP's way, and
         # the only one for a fixed τ) or the scale s itself (DQU-CIR's code learns s from 10).
         self.learned_as = learned_as if learn_temperature else "log-temperature"
@@ -45,6 +46,31 @@ class ContrastiveObjective(nn.Module):
             self.register_buffer("log_temperature", log_temperature)
         # Set by the trainer before every optimizer step (losses that change over a run).
         self.state = TrainingState()
+
+    def pull_towards_start(self, weight: float) -> None:
+        """L2-SP: add (weight / 2) * ||θ - θ₀||² over the backbone parameters that train,
+        θ₀ their values now (the pretrained weights, before any step). Not saved with the
+        weights: a resumed run rebuilds the method from the same backbone first."""
+        self.l2sp_weight = weight
+        anchors = torch.nn.Module()
+        self._anchored = []
+        for n, (name, parameter) in enumerate(self.method.backbone.named_parameters()):
+            if parameter.requires_grad:
+                anchors.register_buffer(f"p{n}", parameter.detach().clone(), persistent=False)
+                self._anchored.append((parameter, f"p{n}"))
+        if not self._anchored:
+            raise ValueError(
+                "l2sp_weight: this method trains no backbone weights, so there is nothing to "
+                "pull towards the pretrained ones"
+            )
+        self.anchors = anchors
+
+    def start_penalty(self) -> torch.Tensor:
+        total = sum(
+            (parameter - getattr(self.anchors, name)).pow(2).sum()
+            for parameter, name in self._anchored
+        )
+        return 0.5 * self.l2sp_weight * total
 
     @property
     def temperature(self) -> torch.Tensor:
@@ -71,4 +97,7 @@ class ContrastiveObjective(nn.Module):
         # similarity thresholds near 1 (DWC's same-target test) are lost in bf16's three
         # digits (DWC's loss was NaN). Nothing changes in a float32 run.
         with torch.autocast(queries.device.type, enabled=False):
-            return self.method.embedding_loss(queries, targets, self.temperature, self.state)
+            loss = self.method.embedding_loss(queries, targets, self.temperature, self.state)
+            if self.l2sp_weight:
+                loss = loss + self.start_penalty()
+            return loss

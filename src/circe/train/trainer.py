@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from circe.backbones import load_backbone
 from circe.eval.evaluate import evaluate
 from circe.methods import CIRMethod, create_method, list_methods, method_class
+from circe.methods.adaptation import adapt_text_tower
 from circe.methods.base import TrainingState
 from circe.methods.checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT
 from circe.methods.checkpoint import load_checkpoint, save_checkpoint
@@ -179,6 +180,7 @@ class Trainer:
         set_seed(config.seed)  # the same initial weights in every process
         backbone = load_backbone(config.backbone, config.backbone_weights, self.accelerator.device)
         method: CIRMethod = create_method(config.method, backbone, **config.method_config)
+        adapt_text_tower(method, config.text_adaptation, config.lora_rank)
         self.method = method
         if config.gradient_checkpointing:
             _checkpoint_gradients(method, config.method)
@@ -187,6 +189,8 @@ class Trainer:
         self.objective = ContrastiveObjective(
             method, config.temperature, config.learn_temperature, config.temperature_learned_as
         )
+        if config.l2sp_weight:
+            self.objective.pull_towards_start(config.l2sp_weight)
         self.objective.to(self.accelerator.device)
 
         split = load_split(config.dataset, config.root, config.train_split, config.protocol)
