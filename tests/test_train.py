@@ -123,6 +123,17 @@ def test_trained_continues_an_interrupted_run_then_reuses_it(config, tmp_path, m
     assert trained(config.replace(threads=1), run, progress=False) == results  # execution only
     with pytest.raises(ValueError, match="other settings \\(lr\\)"):
         trained(config.replace(lr=1e-3), run, progress=False)
+    # The same settings over other bytes (the weights file retrained in place): not reused.
+    weights = Path(config.backbone_weights)
+    retrained = tmp_path / "retrained.safetensors"
+    retrained.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    moved = config.replace(backbone_weights=str(retrained))
+    shutil.copytree(run, tmp_path / "moved", symlinks=True)
+    json_path = tmp_path / "moved" / "config.json"
+    saved = json.loads(json_path.read_text())
+    json_path.write_text(json.dumps({**saved, "backbone_weights": str(retrained)}))
+    with pytest.raises(ValueError, match="trained on backbone weights"):
+        trained(moved, tmp_path / "moved", progress=False)
 
 
 def test_train_fraction_trains_on_a_seeded_share_of_the_queries(config, tmp_path):

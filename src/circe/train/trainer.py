@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from circe.backbones import load_backbone
+from circe.backbones import backbone_weights_sha256, load_backbone
 from circe.eval.evaluate import evaluate
 from circe.methods import CIRMethod, create_method, list_methods, method_class
 from circe.methods.adaptation import adapt_text_tower
@@ -711,7 +711,27 @@ def trained(
             f"{run_dir} holds a run with other settings ({', '.join(differ)}): give another "
             "directory, or delete it to train again"
         )
+    _check_same_backbone_weights(config, run_dir)
     if (run_dir / "results.json").is_file():
         return json.loads((run_dir / "results.json").read_text())
     execution = {k: v for k, v in wanted.items() if k in RESUMABLE_OVERRIDES}
     return resume(run_dir, execution, progress).results
+
+
+def _check_same_backbone_weights(config: TrainConfig, run_dir: Path) -> None:
+    """The same settings can name other weights: "default" after the shipped weights were
+    retrained, a weights file overwritten in place. A run trained on other backbone weights
+    is not this run; reading its results back would report the old backbone's numbers."""
+    recorded = None
+    for link in ("last", "best"):
+        info = run_dir / link / "config.json"
+        if info.is_file():
+            recorded = json.loads(info.read_text())["backbone"]["weights_sha256"]
+            break
+    now = backbone_weights_sha256(config.backbone, config.backbone_weights)
+    if recorded is not None and now is not None and recorded != now:
+        raise ValueError(
+            f"{run_dir} holds a run trained on backbone weights {recorded[:12]}, but "
+            f"{config.backbone} now loads {now[:12]}: give another directory, or delete it "
+            "to train again"
+        )
