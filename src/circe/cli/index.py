@@ -120,11 +120,12 @@ def index_command(
     from circe.index.build import build_index, unchanged_report
     from circe.index.engine import EngineOptions
     from circe.index.ray_embed import RayOptions, RayUnavailableError
-    from circe.index.reader import AUTO
+    from circe.index.reader import AUTO, check_batch_size
 
     source = _source(method, checkpoint, backbone, weights)
     index_dir = out or path / DEFAULT_INDEX_NAME
     try:
+        check_batch_size(batch_size)  # before a model is loaded for nothing
         cluster = None
         if ray is not None:
             cluster = RayOptions(ray, ray_actors, ray_gpus, ray_cpus, batch_size)

@@ -7,10 +7,18 @@ checked before anything is decoded in full. The shape matters because CLIP-style
 preprocessing scales the *shorter* side to the model's input size: a 100,000 x 1 image
 (few pixels, within the pixel limit) would first be scaled to 6,400,000 x 64, gigabytes.
 EXIF orientation is applied, so a photo taken on its side is embedded and shown upright.
+
+Which files are images is Pillow's answer on this machine (`image_suffixes`): every format
+it decodes here, plugins included. A suffix of a format that needs a plugin not installed
+(HEIC without pillow-heif) still counts, so that such a file is rejected with the package
+to install instead of being passed over unseen.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 import io
 import os
 import stat
@@ -18,7 +26,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import EpsImagePlugin, Image, ImageFile, ImageOps
 
 from circe.data.errors import DatasetFormatError
 
@@ -32,16 +40,89 @@ class ImageLimits:
 
 class ImageRejected(DatasetFormatError):
     """An image that cannot be used, and why; `status` is the HTTP status that fits it (400
-    not an image, 413 too large, 422 too elongated)."""
+    not an image, 413 too large, 415 a format this machine cannot decode, 422 too
+    elongated)."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
 
 
+@dataclass(frozen=True)
+class _Plugin:
+    """A Pillow plugin for formats Pillow does not read by itself."""
+
+    suffixes: tuple[str, ...]
+    package: str  # what `pip install` takes
+    module: str
+    register: str | None  # the function that registers it; None: importing it does
+
+
+# Photo formats a library may hold that Pillow reads only through a plugin (AVIF: a Pillow
+# built with libavif reads it itself, one built without needs the plugin).
+_PLUGINS = (
+    _Plugin((".heic", ".heif", ".hif"), "pillow-heif", "pillow_heif", "register_heif_opener"),
+    _Plugin((".avif", ".avifs"), "pillow-avif-plugin", "pillow_avif", None),
+    _Plugin((".jxl",), "pillow-jxl-plugin", "pillow_jxl", None),
+)
+# What Pillow opens with a plugin of another name: multi-picture JPEGs (3D cameras).
+_OPENED_BY_ANOTHER = {"MPO"}
+
+
+@functools.cache
+def _register_plugins() -> None:
+    """Register every installed plugin of `_PLUGINS` with Pillow (once per process: a
+    decoding worker process registers them again on its first image)."""
+    for plugin in _PLUGINS:
+        try:
+            module = importlib.import_module(plugin.module)
+        except ImportError:
+            continue
+        if plugin.register is not None:
+            getattr(module, plugin.register)()
+
+
+def _decodes_here(format_name: str) -> bool:
+    """Whether this Pillow turns files of `format_name` into pixels: not a format it only
+    writes (PDF), identifies without decoding (MPEG's header; a stub such as HDF5 without
+    its handler), or hands to a missing program (EPS without Ghostscript)."""
+    if format_name in _OPENED_BY_ANOTHER:
+        return True
+    opener = Image.OPEN.get(format_name, (None,))[0]
+    if opener is None or format_name == "MPEG":
+        return False
+    if inspect.isclass(opener) and issubclass(opener, ImageFile.StubImageFile):
+        return False
+    return format_name != "EPS" or EpsImagePlugin.has_ghostscript()
+
+
+@functools.cache
+def readable_suffixes() -> frozenset[str]:
+    """Suffixes (lower-case, with the dot) of the formats Pillow decodes on this machine."""
+    _register_plugins()
+    formats = Image.registered_extensions()  # imports every Pillow plugin once
+    return frozenset(suffix for suffix, name in formats.items() if _decodes_here(name))
+
+
+@functools.cache
+def image_suffixes() -> frozenset[str]:
+    """The suffixes a folder scan takes for images: `readable_suffixes`, and those of
+    formats a missing plugin would read (their files are then reported, not passed over)."""
+    return readable_suffixes() | {s for plugin in _PLUGINS for s in plugin.suffixes}
+
+
+def missing_plugin(path: Path) -> str | None:
+    """The package to install for Pillow to read `path`'s format; None when it reads it."""
+    suffix = path.suffix.lower()
+    if suffix in readable_suffixes():
+        return None
+    return next((p.package for p in _PLUGINS if suffix in p.suffixes), None)
+
+
 def read_image(source: Path | bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
     """The image of a file or of bytes, as upright RGB (the first frame of an animation),
     or `ImageRejected` saying what is wrong (a missing file is `FileNotFoundError`)."""
+    _register_plugins()
     name = "the image" if isinstance(source, bytes) else str(source)
     if isinstance(source, bytes):
         size, opened = len(source), io.BytesIO(source)
@@ -52,6 +133,13 @@ def read_image(source: Path | bytes, limits: ImageLimits = ImageLimits()) -> Ima
             raise FileNotFoundError(f"image file not found: {source}") from None
         if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
             raise ImageRejected(400, f"{name} is not a regular file")
+        package = missing_plugin(Path(source))
+        if package is not None:
+            raise ImageRejected(
+                415,
+                f"{name}: this Pillow has no decoder for {Path(source).suffix} images; "
+                f"install {package} to read them",
+            )
         size, opened = info.st_size, source
     if size == 0:
         raise ImageRejected(400, f"{name} is empty")

@@ -10,6 +10,7 @@ instead: the loader skips what is broken and goes on, so one run lists them all.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -17,10 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from circe.data.errors import shown
+from circe.data.images import image_suffixes
 from circe.data.types import CIRSplit, DatasetFormatError, Gallery, Query
 
-# Suffixes (lower-case) of the image formats the loaders pick up when they scan a folder.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# How deep a folder walk goes below where it starts: far past any real library (a few dozen
+# levels), and near where a path of one-letter folders reaches Linux's PATH_MAX of 4096.
+MAX_DEPTH = 2000
 
 
 class Problems:
@@ -93,7 +97,7 @@ def fields(
             if key in required:
                 wrong.append(f"lacks key {key!r}")
         elif not _is(record[key], kind):
-            wrong.append(f"has {key!r} = {record[key]!r}, expected {_describe(kind)}")
+            wrong.append(f"has {key!r} = {shown(record[key])}, expected {_describe(kind)}")
     if wrong:
         problems.report(f"{where} " + "; ".join(wrong))
         return None
@@ -145,20 +149,65 @@ def _raise(error: OSError) -> None:
     raise error
 
 
+class FolderTooDeep(OSError):
+    """A folder `MAX_DEPTH` levels below the walk's start: the folders in it are not walked."""
+
+    def __init__(self, folder: Path) -> None:
+        message = f"{MAX_DEPTH} folders deep: the folders in it are not searched"
+        super().__init__(errno.ELOOP, message, str(folder))
+
+
 def image_paths(
     directory: Path, recursive: bool = False, on_error: Callable[[OSError], None] = _raise
 ) -> Iterator[Path]:
-    """The image files in `directory` (and below it with `recursive`), recognised by suffix,
-    case-insensitively; whether they decode is found out when they are read. Hidden entries
-    (a leading dot, e.g. an index folder inside a gallery) are skipped, and so are symbolic
-    links to directories (they can loop). Every folder scan (data sets, `circe index`) uses
-    this one walk. A folder that cannot be listed goes to `on_error` (default: raise; a
-    data set never loses images silently)."""
-    for folder, subfolders, names in os.walk(directory, onerror=on_error):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".")) if recursive else []
-        for name in sorted(names):
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
-                yield Path(folder) / name
+    """The image files in `directory` (and below it with `recursive`), recognised by suffix
+    (`circe.data.images.image_suffixes`), case-insensitively; whether they decode is found
+    out when they are read. Hidden entries (a leading dot, e.g. an index folder inside a
+    gallery) are skipped, and so are symbolic links to directories (they can loop). Every
+    folder scan (data sets, `circe index`) uses this one walk. A folder that cannot be
+    listed, or whose folders lie deeper than `MAX_DEPTH`, goes to `on_error` (default:
+    raise; a data set never loses images silently).
+
+    The walk keeps its own stack: a recursive one (os.walk before Python 3.12) fails with
+    RecursionError about 1,000 folders down. A folder already walked is not walked again,
+    so that a loop made without symbolic links (a bind mount of a folder inside itself)
+    ends too."""
+    suffixes = image_suffixes()
+    walked: set[tuple[int, int]] = set()  # (device, inode) of each folder listed
+    to_walk = [(Path(directory), 0)]
+    while to_walk:
+        folder, depth = to_walk.pop()
+        try:
+            info = os.stat(folder)
+            if (info.st_dev, info.st_ino) in walked:
+                continue
+            walked.add((info.st_dev, info.st_ino))
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as error:
+            on_error(error)
+            continue
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if _is_folder(entry):  # a link to a directory too: neither an image nor walked
+                if recursive and not entry.is_symlink():
+                    subfolders.append(folder / entry.name)
+            elif os.path.splitext(entry.name)[1].lower() in suffixes:
+                yield folder / entry.name
+        if subfolders and depth == MAX_DEPTH:
+            on_error(FolderTooDeep(folder))
+            continue
+        # Reversed onto the stack, so that they are walked in name order.
+        to_walk += [(subfolder, depth + 1) for subfolder in reversed(subfolders)]
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link whose target cannot be looked at: taken by its name, and
+        return False  # reported when it is read if that says image
 
 
 def scan_images(

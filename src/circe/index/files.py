@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from circe.data.loading import scan_images
+from circe.data.loading import FolderTooDeep, scan_images
 
 
 @dataclass(frozen=True, order=True)
@@ -47,18 +48,38 @@ class Failure:
     error: str
 
 
+LINK_LOOP = "a loop of symbolic links (it leads back to itself): fix or remove the link"
+
+
+def resolved(path: Path) -> Path | None:
+    """`path` with every link followed; None when the links loop (on which `Path.resolve`
+    raises RuntimeError up to Python 3.12, and newer versions OSError or nothing: then the
+    `stat` that follows fails with ELOOP)."""
+    try:
+        return path.resolve()
+    except RuntimeError:
+        return None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return None
+        raise
+
+
 def scan_gallery(root: Path) -> tuple[list[ImageFile], list[Failure]]:
     """Every image file under `root`, recursively (`circe.data.loading.image_paths`: hidden
     entries and links to directories skipped), sorted by path; and, for the report, the
-    image-named entries that cannot even be stat'ed (a broken link) and the folders that
-    cannot be listed."""
+    image-named entries that cannot even be stat'ed (a broken link, a loop of links) and
+    the folders that cannot be listed or lie too deep to be walked."""
     root = Path(root)
     inside = root.resolve()
     found, failed = [], []
 
     def unlistable(error: OSError) -> None:  # its images are reported, not silently dropped
         where = Path(error.filename or root).relative_to(root).as_posix()
-        failed.append(Failure(where, f"cannot list this folder: {error.strerror or error}"))
+        if isinstance(error, FolderTooDeep):
+            failed.append(Failure(where, str(error.strerror)))
+        else:
+            failed.append(Failure(where, f"cannot list this folder: {error.strerror or error}"))
 
     for full in scan_images(root, recursive=True, on_error=unlistable):
         relative = full.relative_to(root).as_posix()
@@ -68,13 +89,22 @@ def scan_gallery(root: Path) -> tuple[list[ImageFile], list[Failure]]:
             shown = relative.encode("utf-8", "backslashreplace").decode()
             failed.append(Failure(shown, "the file name is not valid UTF-8: rename the file"))
             continue
-        if not full.resolve().is_relative_to(inside):  # served later: it must stay in here
+        real = resolved(full)
+        if real is None:
+            failed.append(Failure(relative, LINK_LOOP))
+            continue
+        if not real.is_relative_to(inside):  # served later: it must stay in here
             failed.append(Failure(relative, "a link to a file outside the indexed folder"))
             continue
         try:
             stat = full.stat()
         except OSError as error:
-            failed.append(Failure(relative, f"cannot stat: {error.strerror or error}"))
+            looped = error.errno == errno.ELOOP
+            failed.append(
+                Failure(
+                    relative, LINK_LOOP if looped else f"cannot stat: {error.strerror or error}"
+                )
+            )
             continue
         found.append(ImageFile(relative, stat.st_size, stat.st_mtime_ns))
     return sorted(found), sorted(failed, key=lambda f: f.path)

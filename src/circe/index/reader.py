@@ -98,6 +98,13 @@ def default_threads() -> int:
     return max(1, min(8, available_cores() - torch.get_num_threads()))
 
 
+def check_batch_size(batch_size: int) -> None:
+    """Refuse a batch size below 1 (ValueError naming the flag), before any work is done:
+    `read_batches` is a generator, so its own check would only run at the first batch."""
+    if batch_size < 1:
+        raise ValueError(f"the batch size (--batch-size) must be at least 1, not {batch_size}")
+
+
 def read_batches(
     root: Path,
     files: list[ImageFile],
@@ -110,8 +117,7 @@ def read_batches(
     """The files' batches, in order. `workers` > 0: decoded in that many processes;
     otherwise in `threads` threads (AUTO: `default_threads()`; 0: on the calling thread,
     one batch at a time). `pin_memory`: pin preprocessed batches (for a CUDA encoder)."""
-    if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, not {batch_size}")
+    check_batch_size(batch_size)
     dataset = _Images(root, files, preprocess)
     starts = range(0, len(files), batch_size)
 

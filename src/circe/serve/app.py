@@ -25,6 +25,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from circe import __version__
 from circe.data.images import load_rgb
 from circe.data.types import DatasetFormatError
+from circe.index.files import resolved
 from circe.index.search import MAX_K, IndexSearcher, QueryError, Reference, UnknownImageError
 from circe.serve.batching import BatchOptions, QueryBatcher
 from circe.serve.thumbnails import MAX_SIZE, MIN_SIZE, thumbnail
@@ -169,9 +170,9 @@ def create_app(
             file = searcher.image_file(image_id)
         except UnknownImageError as error:
             raise HTTPException(404, str(error)) from None
-        path = (searcher.root / file.path).resolve()
+        path = resolved(searcher.root / file.path)  # None: replaced by a loop of links
         try:
-            info = path.stat()
+            info = None if path is None else path.stat()
         except OSError:
             info = None
         if info is None or not path.is_relative_to(root) or not stat.S_ISREG(info.st_mode):
