@@ -259,7 +259,7 @@ def test_loading_errors_name_the_problem(tmp_path):
     annotations = json.loads((root / "annotations.json").read_text())
     del annotations["splits"]["val"]["queries"][2]["text"]
     (root / "annotations.json").write_text(json.dumps(annotations))
-    with pytest.raises(DatasetFormatError, match=r"query #2 lacks field 'text'"):
+    with pytest.raises(DatasetFormatError, match=r"query #2 lacks key 'text'"):
         load_synthetic(root, "val")
 
 

@@ -31,7 +31,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from circe.data.errors import shown
 from circe.data.free_wording import word_edit
+from circe.data.loading import ListOf, Problems, fields, read_json
 from circe.data.phrasing import COMPARATIVES, SIZE_WORDS, SPLIT_POOL, phrase_edit, with_article
 from circe.data.render import (
     COLOURS,
@@ -406,6 +408,10 @@ def wording_stats(root: Path) -> dict[str, dict[str, int]]:
     return stats
 
 
+# The fields of a query record of annotations.json, all text.
+_QUERY_FIELDS = dict.fromkeys(("query_id", "reference", "text", "target", "kind"), str)
+
+
 def load_synthetic(root: Path, split: str = "test") -> CIRSplit:
     """Read one split back through the common `CIRSplit` interface."""
     root = Path(root)
@@ -416,7 +422,8 @@ def load_synthetic(root: Path, split: str = "test") -> CIRSplit:
         raise FileNotFoundError(
             f"no synthetic benchmark at {root}; create it with `circe synth --out {root}`"
         )
-    written = json.loads((root / "meta.json").read_text()).get("format")
+    problems = Problems()  # the first problem raises, naming the file and the record
+    written = (read_json(root / "meta.json", dict, problems) or {}).get("format")
     if written != FORMAT_VERSION:
         raise DatasetFormatError(
             f"{root} holds a synthetic benchmark of format {written}; this circe reads format "
@@ -424,29 +431,43 @@ def load_synthetic(root: Path, split: str = "test") -> CIRSplit:
             "val_free and test_free worded by independent rules): delete it and run "
             f"`circe synth --out {root}`"
         )
-    annotations = json.loads(annotations_path.read_text())
-    part = annotations["splits"][split]
+    annotations = fields(
+        read_json(annotations_path, dict, problems),
+        str(annotations_path),
+        problems,
+        {"splits": dict, "captions": dict},
+    )
+    if split not in annotations["splits"]:
+        raise DatasetFormatError(
+            f"{annotations_path} has no split {split!r} (it has "
+            f"{', '.join(map(shown, annotations['splits'])) or 'none'}): delete {root} and run "
+            f"`circe synth --out {root}`"
+        )
+    where = f"{annotations_path}: split {split!r}"
+    part = fields(
+        annotations["splits"][split], where, problems, {"images": ListOf(str), "queries": list}
+    )
+    captions = annotations["captions"]
+    unnamed = next((i for i in part["images"] if not isinstance(captions.get(i), str)), None)
+    if unnamed is not None:
+        raise DatasetFormatError(f"{annotations_path}: image {shown(unnamed)} has no caption")
     images = root / "images"
     gallery = Gallery(
         paths={i: images / f"{i}.png" for i in part["images"]},
-        captions={i: annotations["captions"][i] for i in part["images"]},
+        captions={i: captions[i] for i in part["images"]},
     )
     queries = []
     for n, record in enumerate(part["queries"]):
-        try:
-            queries.append(
-                Query(
-                    query_id=record["query_id"],
-                    reference_id=record["reference"],
-                    texts=(record["text"],),
-                    target_ids=(record["target"],),
-                    tags=(record["kind"],),
-                )
+        values = fields(record, f"{where} query #{n}", problems, _QUERY_FIELDS)
+        queries.append(
+            Query(
+                query_id=values["query_id"],
+                reference_id=values["reference"],
+                texts=(values["text"],),
+                target_ids=(values["target"],),
+                tags=(values["kind"],),
             )
-        except KeyError as missing:
-            raise DatasetFormatError(
-                f"{annotations_path}: split {split!r} query #{n} lacks field {missing}"
-            ) from None
+        )
     result = CIRSplit(
         split,
         queries,

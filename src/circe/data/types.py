@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from circe.data.errors import DatasetFormatError
+from circe.data.errors import DatasetFormatError, shown
 from circe.data.images import load_rgb
 
 
@@ -21,6 +21,16 @@ class Query:
     target_ids: tuple[str, ...] = ()  # empty when the split's labels are hidden (test sets)
     subset_ids: tuple[str, ...] = ()  # CIRR's img_set members
     tags: tuple[str, ...] = ()  # e.g. the synthetic edit kind ("recolour", "move")
+
+    def __post_init__(self) -> None:
+        # A loader that let a number through (`"text": 3`) would otherwise fail far from its
+        # file, in whatever first joins the texts.
+        wrong = next((text for text in self.texts if not isinstance(text, str)), None)
+        if wrong is not None:
+            raise DatasetFormatError(
+                f"query {shown(self.query_id)}: its text is {shown(wrong)}, a "
+                f"{type(wrong).__name__}; a modification text must be a string"
+            )
 
     @property
     def text(self) -> str:

@@ -11,7 +11,6 @@ report; it never stops the run. The new generation is committed atomically at th
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from circe.index.pending import PendingRun, ShardWriter
 from circe.index.pgvector import KINDS as PGVECTOR_KINDS
 from circe.index.pgvector import build_pgvector_engine, prune_tables
 from circe.index.ray_embed import RayOptions, embed_with_ray
-from circe.index.reader import AUTO, read_batches
+from circe.index.reader import AUTO, check_batch_size, read_batches
 from circe.index.store import (
     IndexSpace,
     IndexStoreError,
@@ -40,7 +39,7 @@ from circe.index.store import (
     write_json_atomic,
 )
 from circe.methods.base import CIRMethod
-from circe.methods.checkpoint import checkpoint_dir
+from circe.methods.checkpoint import checkpoint_dir, read_checkpoint_info
 from circe.methods.plan import takes_raw_inputs
 from circe.progress import Progress, no_progress
 
@@ -199,7 +198,7 @@ def _method_name(source: MethodSource) -> str | None:
     if source.checkpoint is None:
         return source.method
     config = checkpoint_dir(source.checkpoint) / "config.json"
-    return json.loads(config.read_text()).get("method") if config.is_file() else None
+    return read_checkpoint_info(config).get("method") if config.is_file() else None
 
 
 def _normalised(source: MethodSource) -> MethodSource:
@@ -218,7 +217,7 @@ def _hashes(source: MethodSource) -> tuple[str | None, str | None]:
         weights, config = checkpoint / "model.safetensors", checkpoint / "config.json"
         if not (weights.is_file() and config.is_file()):
             return None, None
-        backbone = json.loads(config.read_text())["backbone"]["weights_sha256"]
+        backbone = read_checkpoint_info(config)["backbone"]["weights_sha256"]
         return backbone, file_sha256(weights)
     return backbone_weights_sha256(source.backbone, source.weights), None
 
@@ -248,6 +247,7 @@ def build_index(
     `workers` and `threads` are then the actors' business)."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    check_batch_size(batch_size)
     started = time.time()
     root, index_dir = Path(root), Path(index_dir)
     if not root.is_dir():  # before the index directory is made inside it

@@ -4,13 +4,17 @@ A checkpoint is a directory `RUN_DIR/ckpt-<step>-<token>/` with
   - `model.safetensors`: the trained weights (the objective's state without a frozen backbone:
     `method.*` keys and the learned temperature),
   - `config.json`: the training config, the method's name and config, the backbone identity,
-    and the position/metrics at which it was taken,
+    the position/metrics at which it was taken, and the sha256 of `model.safetensors`
+    (checked on every load: a weights file replaced by, or linked to, another run's weights
+    of the same method would otherwise load and evaluate without a word),
   - `state.pt`: optimizer, scheduler, grad scaler, RNG states (python, numpy, torch, cuda; one
     per process), step, epoch, position in the epoch, early-stopping state.
 `RUN_DIR/last` and `RUN_DIR/best` are symbolic links to checkpoint directories. A checkpoint
 is written into a temporary directory, every file fsynced, renamed to its final name, and
 only then is the link swapped with an atomic rename: a crash or a failed write at any point
-leaves the previous `last`/`best` whole. Directories no link points to are then removed.
+leaves the previous `last`/`best` whole. Directories no link points to are then removed,
+and so is whatever a save killed half-way left (`clean_run_dir`, also run when a run starts
+and when it completes).
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from circe.atomic import fsync_path
-from circe.backbones import WeightsNotFoundError, load_backbone
+from circe.backbones import WeightsNotFoundError, file_sha256, load_backbone
 from circe.backbones.base import Backbone
 from circe.methods.adaptation import adapt_text_tower, adaptation_of
 from circe.methods.base import CIRMethod, create_method, method_class
@@ -35,6 +40,10 @@ from circe.methods.plan import stores_backbone
 
 FORMAT_VERSION = 1
 LINKS = ("last", "best")
+WEIGHTS_FILE = "model.safetensors"
+# The key of config.json that records the weights file's sha256 (absent in checkpoints saved
+# before it was recorded: those load unchecked, as they always did).
+WEIGHTS_SHA256 = "model_safetensors_sha256"
 
 
 @dataclass
@@ -65,8 +74,9 @@ def save_checkpoint(
     try:
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in weights.items()},
-            staging / "model.safetensors",
+            staging / WEIGHTS_FILE,
         )
+        info = {**info, WEIGHTS_SHA256: file_sha256(staging / WEIGHTS_FILE)}
         (staging / "config.json").write_text(json.dumps(info, indent=2))
         torch.save(state, staging / "state.pt")
         for file in staging.iterdir():
@@ -88,6 +98,17 @@ def save_checkpoint(
     return run_dir / name
 
 
+def clean_run_dir(run_dir: Path) -> None:
+    """Remove what killed saves left in `run_dir`: staging directories and links not yet
+    renamed (`.tmp-*`), and checkpoint directories neither `last` nor `best` points to (a
+    save killed after its rename and before its link swap, or during the removal of the
+    checkpoint it replaced). A run does this when it starts and when it completes, so that
+    a run whose last save was killed does not keep them until a save that may never come."""
+    if Path(run_dir).is_dir():
+        _remove_leftovers(run_dir)
+        _remove_unreferenced(run_dir)
+
+
 def _remove_leftovers(run_dir: Path) -> None:
     """What a save killed half-way leaves: a staging directory, a link not yet renamed."""
     for entry in run_dir.glob(".tmp-*"):
@@ -107,24 +128,60 @@ def _remove_unreferenced(run_dir: Path) -> None:
 def checkpoint_dir(path: str | Path) -> Path:
     """The checkpoint directory a path names: itself, or a run directory's `best`."""
     path = Path(path)
-    if not (path / "model.safetensors").exists() and (path / "best").exists():
+    if not (path / WEIGHTS_FILE).exists() and (path / "best").exists():
         return path / "best"
     return path
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read `RUN_DIR/best`, `RUN_DIR/last` or a checkpoint directory; a run directory means
-    its `best`."""
+    its `best`. Every way the files can be wrong (missing, not JSON, not safetensors, weights
+    other than those saved) is one error naming the file."""
     path = checkpoint_dir(path)
-    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+    weights_path = path / WEIGHTS_FILE
+    if not (path / "config.json").is_file() or not weights_path.is_file():
         raise FileNotFoundError(
             f"no checkpoint at {path}: expected a directory with config.json and "
-            "model.safetensors, e.g. RUN_DIR/best or RUN_DIR/last of a `circe train` run"
+            f"{WEIGHTS_FILE}, e.g. RUN_DIR/best or RUN_DIR/last of a `circe train` run"
         )
-    info = json.loads((path / "config.json").read_text())
+    info = read_checkpoint_info(path / "config.json")
     if info.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path} is a checkpoint of another format ({info.get('format')})")
-    return Checkpoint(path.resolve(), info, load_file(str(path / "model.safetensors")))
+    try:
+        weights = load_file(str(weights_path))
+    except SafetensorError as error:
+        raise ValueError(f"{weights_path} is not a safetensors weights file ({error})") from None
+    _check_weights_file(weights_path, info.get(WEIGHTS_SHA256))
+    return Checkpoint(path.resolve(), info, weights)
+
+
+def read_checkpoint_info(config_path: Path) -> dict[str, Any]:
+    """A checkpoint's config.json; ValueError naming it when it is not a JSON object."""
+    try:
+        info = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{config_path} is not a checkpoint's config: not JSON ({error})"
+        ) from None
+    if not isinstance(info, dict):
+        # ValueError, not TypeError: what every caller takes for a mistake in a user's file.
+        message = f"{config_path} is not a checkpoint's config: not a JSON object"
+        raise ValueError(message)  # noqa: TRY004
+    return info
+
+
+def _check_weights_file(weights_path: Path, recorded: str | None) -> None:
+    """Refuse a weights file other than the one saved (`recorded`: its sha256; None for a
+    checkpoint saved before it was recorded). Hashing costs one read of the file, cached per
+    path, size and mtime for the process (`file_sha256`)."""
+    if recorded is None:
+        return
+    found = file_sha256(weights_path)
+    if found != recorded:
+        raise ValueError(
+            f"{weights_path} has sha256 {found}, but its checkpoint was saved with {recorded}: "
+            "the weights file was replaced or re-linked; restore it, or train again"
+        )
 
 
 def backbone_sources(info: dict[str, Any]) -> list[tuple[str, str | None]]:

@@ -9,7 +9,14 @@ from typing import Any
 
 import yaml
 
+from circe.data.errors import shown
 from circe.train.selection import check_selection_metric
+
+# A training config is a few hundred bytes, a paper recipe a few kilobytes.
+MAX_CONFIG_BYTES = 2**20
+# Nesting a config needs: method_config and `reported` (split -> metric -> number) are the
+# deepest, at three levels.
+MAX_CONFIG_DEPTH = 16
 
 # Fields that may differ when a run is resumed: they change how the run is executed, not what
 # it computes (anything else would make the resumed run a different run).
@@ -150,12 +157,15 @@ class TrainConfig:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise ValueError(
-                f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}"
+                f"mixed_precision must be auto, no, fp16 or bf16, got {shown(self.mixed_precision)}"
             )
         if self.device not in ("auto", "cpu"):
-            raise ValueError(f"device must be auto or cpu, got {self.device!r}")
+            raise ValueError(f"device must be auto or cpu, got {shown(self.device)}")
         if not 0 <= self.text_noise <= 1:
             raise ValueError(f"text_noise must be a fraction in [0, 1], got {self.text_noise}")
+        for name in ("threads", "workers"):  # 0 is their default (torch's threads, no workers)
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
         _one_of("weight_decay_on", self.weight_decay_on, ("matrices", "all"))
@@ -174,7 +184,7 @@ class TrainConfig:
             set(self.lr_milestones)
         ):
             raise ValueError(
-                f"lr_milestones must be increasing epochs from 1, got {self.lr_milestones}"
+                f"lr_milestones must be increasing epochs from 1, got {shown(self.lr_milestones)}"
             )
         if not 0 < self.lr_gamma <= 1:
             raise ValueError(f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
@@ -202,23 +212,80 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"training config not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ValueError(f"{path} is not valid YAML: {error}") from None
+        values = read_config_yaml(path) or {}
         if not isinstance(values, dict):
-            raise TypeError(f"{path} must hold a mapping of config fields, got {values!r}")
+            raise TypeError(f"{path} must hold a mapping of config fields, got {shown(values)}")
         try:
             return cls.from_dict(values)
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path}: {error}") from None
 
 
+class _RefusedYaml(yaml.YAMLError):
+    """What a config may not hold, at `line` (1-based) of its file."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line, self.message = line, message
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """`yaml.safe_load` without aliases and with a nesting bound. Aliases (`*name`) are what
+    a "billion laughs" config is made of: nine references to nine references ... build a
+    value of 9**n items from a few lines, which formatting or copying then takes gigabytes
+    and minutes over. A config needs none, so one is refused where it stands; so is a value
+    nested past `MAX_CONFIG_DEPTH` (PyYAML composes nesting by recursion)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _RefusedYaml(
+                event.start_mark.line + 1,
+                f"YAML aliases (*{event.anchor}) are refused in a config: write the value out",
+            )
+        if self.depth >= MAX_CONFIG_DEPTH:
+            raise _RefusedYaml(
+                event.start_mark.line + 1,
+                f"values nested more than {MAX_CONFIG_DEPTH} deep are refused in a config",
+            )
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def read_config_yaml(path: Path) -> Any:
+    """The YAML document of a config file (None when empty), through `_ConfigLoader`; every
+    problem (missing, too large, not UTF-8, not YAML, an alias) is one ValueError line naming
+    the file (FileNotFoundError for a missing one)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"training config not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(
+            f"{path} is {size:,} bytes; a training config may be at most {MAX_CONFIG_BYTES:,}"
+        )
+    try:
+        text = path.read_bytes().decode("utf-8")
+        return yaml.load(text, Loader=_ConfigLoader)
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path} is not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from None
+    except _RefusedYaml as error:
+        raise ValueError(f"{path}: line {error.line}: {error.message}") from None
+    except yaml.YAMLError as error:  # PyYAML's message spans lines: kept on one
+        raise ValueError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
+
+
 def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {shown(value)}")
 
 
 def _check_reported(reported: dict[str, Any], where: str = "reported") -> None:
@@ -226,12 +293,12 @@ def _check_reported(reported: dict[str, Any], where: str = "reported") -> None:
     type is a ValueError, as every config mistake is (`_check_types`)."""
     for key, value in reported.items():
         if not isinstance(key, str):
-            raise ValueError(f"{where} keys must be text, got {key!r}")  # noqa: TRY004
+            raise ValueError(f"{where} keys must be text, got {shown(key)}")  # noqa: TRY004
         if isinstance(value, dict):
             _check_reported(value, f"{where}.{key}")
         elif not isinstance(value, int | float) or isinstance(value, bool):
             raise ValueError(  # noqa: TRY004
-                f"{where}.{key} must be a number or a mapping, got {value!r}"
+                f"{where}.{key} must be a number or a mapping, got {shown(value)}"
             )
 
 
@@ -254,7 +321,7 @@ def _check_types(config: TrainConfig) -> None:
         hint = ""
         if "float" in kinds and isinstance(value, str) and _is_number(value):
             hint = " (YAML reads 1e-4 as text: write 1.0e-4)"
-        raise ValueError(f"{spec.name} must be {wanted}, got {value!r}{hint}")
+        raise ValueError(f"{spec.name} must be {wanted}, got {shown(value)}{hint}")
 
 
 def _is_number(text: str) -> bool:
@@ -283,7 +350,8 @@ def _fits(value: Any, kind: str) -> bool:
 
 def _check_names(values: dict[str, Any], what: str) -> None:
     known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+    # A YAML key may be a number, or a megabyte of text: each is shown shortened.
+    unknown = sorted(shown(name) for name in values if name not in known)
     if unknown:
         raise ValueError(
             f"unknown training {what}(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"

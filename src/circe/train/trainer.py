@@ -28,7 +28,7 @@ from circe.methods import CIRMethod, create_method, list_methods, method_class
 from circe.methods.adaptation import adapt_text_tower
 from circe.methods.base import TrainingState
 from circe.methods.checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT
-from circe.methods.checkpoint import load_checkpoint, save_checkpoint
+from circe.methods.checkpoint import clean_run_dir, load_checkpoint, save_checkpoint
 from circe.methods.inputs import FeaturePairs, Pairs, QueryFeatures
 from circe.methods.plan import query_preparation, stores_backbone, training_feed
 from circe.progress import track
@@ -231,6 +231,7 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(self.objective, optimizer)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            clean_run_dir(self.run_dir)  # what a killed run's last save left
         self.log = RunLog(self.run_dir, enabled=self.is_main)
         # The training RNG streams (dropout, ...) start here, whatever ran before (a cache miss
         # draws DataLoader seeds, a hit does not); one stream per process.
@@ -591,6 +592,8 @@ class Trainer:
             "test_per_kind": per_kind,
         }
         (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        # A completed run keeps only what `last` and `best` name, whatever ran in it before.
+        clean_run_dir(self.run_dir)
         return results
 
 
