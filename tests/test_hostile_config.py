@@ -48,6 +48,16 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, field):
     assert time.perf_counter() - started < 0.5
 
 
+def test_a_bench_plan_bomb_is_refused_at_once(tmp_path):
+    from circe.bench.record import read_plan
+
+    path = write(tmp_path / "plan.yaml", alias_bomb("methods", 6))
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="YAML aliases"):
+        read_plan(path)
+    assert time.perf_counter() - started < 0.5
+
+
 def test_train_refuses_a_bomb_config_in_one_line(tmp_path):
     path = write(tmp_path / "bomb.yaml", alias_bomb("lr", 6))
     result = CliRunner().invoke(app, ["train", "--config", str(path), "--out", str(tmp_path)])

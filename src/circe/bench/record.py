@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
+
+from circe.train.config import read_config_yaml
 
 # Wording no generator of ours wrote first, then the generator's held-out families: the
 # figures that predict free human language (FashionIQ, CIRR).
@@ -54,7 +55,7 @@ def read_plan(path: Path) -> tuple[list[str], dict[str, str]]:
     """(methods, {method: recipe config path}) from a bench plan YAML."""
     if not path.is_file():
         raise FileNotFoundError(f"bench plan not found: {path}")
-    plan = yaml.safe_load(path.read_text()) or {}
+    plan = read_config_yaml(path) or {}  # the training configs' bounded, alias-free reading
     methods, recipes = plan.get("methods", []), plan.get("recipes", {})
     unknown = set(plan) - {"methods", "recipes"}
     if unknown or not isinstance(methods, list) or not isinstance(recipes, dict):
