@@ -1,4 +1,4 @@
-"""The import rule of ../shared/DESIGN.md, checked on the source: a layer imports only the
+"""circe's import rule, checked on the source: a layer imports only the
 layers below it, and packages side by side in one layer do not import each other."""
 
 import ast

@@ -39,7 +39,7 @@ WRITERS = {
     "fashion200k": (write_fashion200k, "test"),
 }
 SEED_METHODS = {"combiner", "dqu-cir", "dwc", "far-net", "tmcir", "dafm"}
-# The data sets each paper reports (../shared/methods/): one recipe per pair.
+# The data sets each paper reports: one recipe per pair.
 REPORTED = {
     "combiner": {"fashioniq", "cirr"},
     "dqu-cir": {"fashioniq", "cirr", "shoes", "fashion200k"},

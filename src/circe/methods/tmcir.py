@@ -1,6 +1,6 @@
 """TMCIR: intent-aware cross-modal alignment and adaptive token fusion (2025; "Token Merge
 Benefits Composed Image Retrieval", arXiv 2504.10995). No public code; this is our reading of
-the abstract and two public summaries (../shared/methods/tmcir.md).
+the abstract and two public summaries.
 
 Fusion in CIR tends to be visual-dominant (the query stays close to the reference image) or
 text-dominant (it follows the words and forgets the picture). TMCIR trains in two stages,
