@@ -67,7 +67,7 @@ class PretrainConfig:
     seed: int = 0
     # The defaults are the shipped circe-minilm weights' settings.
     images: int = 16000  # size of the rendered image pool
-    steps: int = 700
+    steps: int = 1500
     batch_size: int = 256
     lr: float = 1.5e-3
     weight_decay: float = 0.1
