@@ -122,3 +122,23 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(request, tmp_path, 
     assert straight.keys() == resumed.keys()
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0)
+
+
+def test_pretraining_captions_never_use_the_independent_wording():
+    """`test_free` measures wording nothing of ours trained on: no verb form of
+    `circe.data.free_wording` may occur in the captions the backbone is pretrained on."""
+    import random
+    import re
+
+    from circe.data.free_wording import VERBS
+    from circe.data.phrasing import varied_caption
+    from circe.data.synthetic import random_scene
+    from circe.pretrain import _random_words
+
+    forms = {form for verbs in VERBS.values() for v in verbs for form in (v.base, v.ing, v.done)}
+    rng = random.Random(0)
+    captions = [
+        f"{varied_caption(random_scene(rng, 1, 5), rng)}, {_random_words(rng)}" for _ in range(3000)
+    ]
+    used = {word for text in captions for word in re.findall(r"[a-z']+", text.lower())}
+    assert used and not used & forms, sorted(used & forms)
